@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ops import (LRELU_GAIN, bias_act, conv_up2, make_fir_filter, modulated_conv2d,
-                  normalize_2nd_moment, upsample2d)
+from .ops import (LRELU_GAIN, bias_act, extend, make_fir_filter, modulated_conv2d, normalize_2nd_moment,
+                  upsample2d)
 
 NOISE_MODES = ("const", "random", "none")
 
@@ -154,7 +154,9 @@ class SynthesisLayer(nn.Module):
             self.noise_strength = nn.Parameter(torch.zeros([]))
         self.register_buffer("resample_filter", make_fir_filter(resample_filter))
 
-    def forward(self, x, w, noise_mode="const", fused=None, gain=1.0, noise_window=None):
+    def forward(self, x, w, noise_mode="const", fused=None, gain=1.0, noise_region=None):
+        """noise_region: the output's (y0, y1, x0, x1) in this layer's pixel grid when x is a window
+        (cropped computation); the const noise of that region is used, zero outside the image."""
         styles = self.affine(w)
         noise = None
         if self.use_noise and noise_mode == "random":
@@ -162,9 +164,9 @@ class SynthesisLayer(nn.Module):
             noise = torch.randn(out_shape, device=x.device) * self.noise_strength
         elif self.use_noise and noise_mode == "const":
             const = self.noise_const
-            if noise_window is not None:  # cropped computation: the const noise of this window only
-                (y0, y1), (x0, x1) = noise_window
-                const = const[y0:y1, x0:x1]
+            if noise_region is not None:
+                r = self.resolution
+                const = extend(const[None, None], (0, r, 0, r), noise_region, r)
             noise = const * self.noise_strength
         x = modulated_conv2d(x, self.weight, styles, up=self.up, resample_filter=self.resample_filter,
                              fused=fused, noise=noise)
@@ -227,23 +229,19 @@ class SynthesisBlock(nn.Module):
             self.skip = SkipConvLayer(in_channels, out_channels, cfg.resample_filter)
         self.register_buffer("resample_filter", make_fir_filter(cfg.resample_filter))
 
-    def forward_features(self, x, ws, noise_mode="const", fused=None, noise_windows=None):
-        """Feature path only. ws: [N, num_conv, w_dim]. noise_windows: per-layer const-noise crops."""
+    def forward_features(self, x, ws, noise_mode="const", fused=None):
+        """Feature path only (no ToRGB). ws: [N, num_conv, w_dim]."""
         w_iter = iter(ws.unbind(dim=1))
-        nw = noise_windows or {}
         if self.in_channels == 0:
             x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
-            if "const" in nw:
-                (y0, y1), (x0, x1) = nw["const"]
-                x = x[:, :, y0:y1, x0:x1]
-            return self.conv1(x, next(w_iter), noise_mode, fused, noise_window=nw.get("conv1"))
+            return self.conv1(x, next(w_iter), noise_mode, fused)
         if self.architecture == "resnet":
             y = self.skip(x, gain=math.sqrt(0.5))
-            x = self.conv0(x, next(w_iter), noise_mode, fused, noise_window=nw.get("conv0"))
-            x = self.conv1(x, next(w_iter), noise_mode, fused, gain=math.sqrt(0.5), noise_window=nw.get("conv1"))
+            x = self.conv0(x, next(w_iter), noise_mode, fused)
+            x = self.conv1(x, next(w_iter), noise_mode, fused, gain=math.sqrt(0.5))
             return y + x
-        x = self.conv0(x, next(w_iter), noise_mode, fused, noise_window=nw.get("conv0"))
-        return self.conv1(x, next(w_iter), noise_mode, fused, noise_window=nw.get("conv1"))
+        x = self.conv0(x, next(w_iter), noise_mode, fused)
+        return self.conv1(x, next(w_iter), noise_mode, fused)
 
     def forward(self, x, img, ws, noise_mode="const", fused=None):
         """ws: [N, num_conv + num_torgb, w_dim] (the ToRGB style is shared with the next block's conv0)."""

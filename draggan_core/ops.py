@@ -125,3 +125,20 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
 
 def normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()
+
+
+# Windows (y0, y1, x0, x1): half-open pixel ranges of a layer's grid, used by cropped computation.
+
+def clip_window(win, size: int):
+    y0, y1, x0, x1 = win
+    return max(y0, 0), min(y1, size), max(x0, 0), min(x1, size)
+
+
+def extend(x: torch.Tensor, have, want, size: int) -> torch.Tensor:
+    """x covers window `have` (inside a size x size grid); return window `want`, zero outside the grid."""
+    hy0, hy1, hx0, hx1 = have
+    cy0, cy1, cx0, cx1 = clip_window(want, size)
+    assert hy0 <= cy0 and cy1 <= hy1 and hx0 <= cx0 and cx1 <= hx1, (have, want)
+    x = x[..., cy0 - hy0: cy1 - hy0, cx0 - hx0: cx1 - hx0]
+    wy0, wy1, wx0, wx1 = want
+    return F.pad(x, [cx0 - wx0, wx1 - cx1, cy0 - wy0, wy1 - cy1])

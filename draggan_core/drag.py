@@ -1,0 +1,485 @@
+"""The DragGAN loop: point-based editing by latent optimisation, as a resumable streaming session.
+
+One step (Pan et al. 2023, Eqs. 1-2), run on the *current* latent's features F:
+  1. point tracking: each handle moves to the pixel of the r2 square around it whose feature is nearest
+     (L1 in the paper, L2 in the official code) to the handle's reference feature;
+  2. motion supervision: over the disc of radius r1 around each handle that has not arrived,
+     L = mean |F(q).detach() - F(q + d)| with d the unit vector towards the target, plus
+     lambda * mean |(F - F0) * (1 - M)| when a mask M of the flexible region is set;
+  3. an Adam step on the first `num_optimized_ws` style vectors.
+A handle that is within `stop_distance` of its target stops pulling; the run ends when all have.
+
+Our default formulation samples F on its native grid with bilinear interpolation (identical to
+bilinearly up-sampling F to image size and indexing it at pixel centres, without materialising that
+map), and, with no mask, computes F only in windows around the handles (exact, see windowed.py).
+`compat="official"` reproduces the official implementation's choices step for step.
+
+Points are (x, y) image pixel coordinates: x = column, y = row, origin top-left, pixel centres at
+integers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .networks import Generator, to_uint8_image
+from .windowed import features_in_window
+
+COMPAT_MODES = ("ours", "official")
+
+
+@dataclass
+class DragConfig:
+    """Optimisation settings. None means 'the model's default' (resolved by `resolve`)."""
+    lr: float | None = None
+    r1: float | None = None            # motion-supervision disc radius, image pixels
+    r2: int | None = None              # point-tracking half window, image pixels
+    lambda_mask: float = 20.0
+    feature_res: int | None = None     # feature block by resolution; default 6th block or the last
+    num_optimized_ws: int = 6
+    w_mode: str = "w+"                 # "w+" (one vector per layer) or "w" (one shared vector)
+    tracking: str | None = None        # "l1" (paper) or "l2" (official)
+    stop_distance: float | None = None
+    max_steps: int = 300
+    noise_mode: str = "const"
+    display_every: int = 10            # render the image every k steps (0: only at the end)
+    compat: str = "ours"
+    windowed: bool = True              # compute features only around the handles when no mask is set
+
+    def resolve(self, G: Generator, num_points: int, model_defaults: dict | None = None) -> "DragConfig":
+        """Fill the None fields for this generator (model card defaults first, then generic rules)."""
+        res = G.img_resolution
+        md = dict(model_defaults or {})
+        c = dataclasses.replace(self)
+        if c.compat not in COMPAT_MODES:
+            raise ValueError(f"compat must be one of {COMPAT_MODES}")
+        official = c.compat == "official"
+        blocks = G.synthesis.block_resolutions
+        if c.feature_res is None:
+            c.feature_res = md.get("feature_res") if not official else None
+            if c.feature_res is None:
+                c.feature_res = blocks[5] if len(blocks) > 5 else blocks[-1]
+        if c.feature_res not in blocks:
+            raise ValueError(f"feature block {c.feature_res} does not exist; blocks are {blocks}")
+        if c.lr is None:
+            c.lr = 1e-3 if official else md.get("lr", 2e-3)
+        if c.r1 is None:
+            c.r1 = round(3 * res / 512) if official else md.get("r1", max(3 * res / 512, 2.0))
+        if c.r2 is None:
+            c.r2 = round(12 * res / 512) if official else md.get("r2", max(round(12 * res / 512), 4))
+        if c.tracking is None:
+            c.tracking = "l2" if official else md.get("tracking", "l1")
+        if c.stop_distance is None:
+            c.stop_distance = max(2 * res / 512, 2.0) if official else (1.0 if num_points <= 5 else 2.0)
+        if c.tracking not in ("l1", "l2"):
+            raise ValueError("tracking must be 'l1' or 'l2'")
+        if c.w_mode not in ("w", "w+"):
+            raise ValueError("w_mode must be 'w' or 'w+'")
+        if not (0 < c.lr < 1) or c.r1 <= 0 or c.r2 < 1 or c.max_steps < 0 or c.lambda_mask < 0:
+            raise ValueError("invalid drag settings: need 0 < lr < 1, r1 > 0, r2 >= 1, max_steps >= 0, lambda >= 0")
+        c.num_optimized_ws = int(min(max(c.num_optimized_ws, 1), G.num_ws))
+        return c
+
+
+@dataclass
+class PointPair:
+    handle: tuple[float, float]     # current (tracked) handle position
+    target: tuple[float, float]
+    origin: tuple[float, float]     # where the user put the handle
+    reference: torch.Tensor | None = None  # feature of the handle when it was placed, [C]
+
+
+@dataclass
+class StepResult:
+    step: int                          # steps taken in this session (all runs)
+    handles: list[tuple[int, int]]
+    targets: list[tuple[int, int]]
+    distances: list[float]
+    loss: float
+    loss_motion: float
+    loss_mask: float
+    done: bool
+    reached: bool
+    seconds: float
+    image: np.ndarray | None = None    # HxWx3 uint8 when rendered this step
+
+
+class DragError(ValueError):
+    """Invalid user input for a drag (points, mask, latent)."""
+
+
+class DragSession:
+    """State of one user's edit: latents, point pairs, mask, optimiser. Holds G by reference."""
+
+    def __init__(self, G: Generator, w_init: torch.Tensor, config: DragConfig | None = None,
+                 model_defaults: dict | None = None):
+        if w_init.ndim == 2:
+            w_init = w_init.unsqueeze(0)
+        if tuple(w_init.shape) != (1, G.num_ws, G.w_dim):
+            raise DragError(f"latent must have shape (1, {G.num_ws}, {G.w_dim}), got {tuple(w_init.shape)}")
+        if not torch.isfinite(w_init).all():
+            raise DragError("latent contains NaN or infinite values")
+        self.G = G
+        self.device = next(G.parameters()).device
+        self.model_defaults = dict(model_defaults or {})
+        self.config = config or DragConfig()
+        self.w_initial = w_init.detach().to(self.device, torch.float32).clone()
+        self.pairs: list[PointPair] = []
+        self.mask: torch.Tensor | None = None  # [S, S] float, 1 = may change
+        self.step_count = 0
+        self._reset_latent()
+
+    # ------------------------------------------------------------------ editing state
+    @property
+    def resolution(self) -> int:
+        return self.G.img_resolution
+
+    @property
+    def latent(self) -> torch.Tensor:
+        """Current W+ latent [1, num_ws, w_dim] (detached copy)."""
+        with torch.no_grad():
+            return self._ws().detach().clone()
+
+    def _reset_latent(self, w: torch.Tensor | None = None):
+        self._w_full = (self.w_initial if w is None else w).clone()
+        self._param = None        # created at run start (depends on w_mode / num_optimized_ws)
+        self._opt = None
+        self._mask_reference = None
+        self._param_layout = None
+
+    def set_latent(self, w: torch.Tensor):
+        """Start a new edit from latent w (points are kept, references recomputed)."""
+        session = DragSession(self.G, w)  # validates
+        self.w_initial = session.w_initial
+        self._reset_latent()
+        for p in self.pairs:
+            p.reference = None
+        self.step_count = 0
+
+    def check_point(self, point, name="point") -> tuple[float, float]:
+        try:
+            x, y = (float(v) for v in point)
+        except (TypeError, ValueError):
+            raise DragError(f"{name} must be two numbers (x, y), got {point!r}") from None
+        s = self.resolution
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise DragError(f"{name} ({x}, {y}) is not finite")
+        if not (-0.5 <= x <= s - 0.5 and -0.5 <= y <= s - 0.5):
+            raise DragError(f"{name} ({x:g}, {y:g}) is outside the {s}x{s} image")
+        return round(x), round(y)
+
+    def add_pair(self, handle, target, max_pairs: int = 128) -> int:
+        if len(self.pairs) >= max_pairs:
+            raise DragError(f"at most {max_pairs} point pairs")
+        h = self.check_point(handle, "handle")
+        t = self.check_point(target, "target")
+        self.pairs.append(PointPair(handle=h, target=t, origin=h))
+        return len(self.pairs) - 1
+
+    def remove_pair(self, index: int):
+        if not 0 <= index < len(self.pairs):
+            raise DragError(f"no point pair {index}")
+        del self.pairs[index]
+
+    def undo_pair(self):
+        if self.pairs:
+            self.pairs.pop()
+
+    def clear_pairs(self):
+        self.pairs.clear()
+
+    def set_mask(self, mask: np.ndarray | torch.Tensor | None):
+        """mask: HxW (any size; resized), nonzero/1 = flexible region; None clears it."""
+        self._mask_reference = None
+        if mask is None:
+            self.mask = None
+            return
+        m = torch.as_tensor(np.asarray(mask, dtype=np.float32))
+        if m.ndim != 2 or min(m.shape) < 1 or not torch.isfinite(m).all():
+            raise DragError(f"mask must be a finite 2-D array, got shape {tuple(m.shape)}")
+        m = m.clamp(0, 1)
+        s = self.resolution
+        if m.shape != (s, s):
+            m = F.interpolate(m[None, None], size=(s, s), mode="area" if m.shape[0] >= s else "nearest")[0, 0]
+        self.mask = m.to(self.device) if m.max() > 0 else None
+
+    def reset(self):
+        """Back to the initial latent; handles back to where the user placed them."""
+        self._reset_latent()
+        for p in self.pairs:
+            p.handle = p.origin
+        self.step_count = 0
+
+    # ------------------------------------------------------------------ generator access
+    def _ws(self) -> torch.Tensor:
+        if self._param is None:
+            return self._w_full
+        n, mode = self._param_layout
+        head = self._param.expand(-1, n, -1) if mode == "w" else self._param
+        return torch.cat([head, self._w_full[:, n:]], dim=1)
+
+    def _prepare(self, cfg: DragConfig):
+        layout = (cfg.num_optimized_ws, cfg.w_mode)
+        if self._param is None or self._param_layout != layout:
+            self._w_full = self._ws().detach().clone()
+            n = cfg.num_optimized_ws
+            init = self._w_full[:, :1] if cfg.w_mode == "w" else self._w_full[:, :n]
+            self._param = init.clone().requires_grad_(True)
+            self._param_layout = layout
+            self._opt = torch.optim.Adam([self._param], lr=cfg.lr)
+        for group in self._opt.param_groups:
+            group["lr"] = cfg.lr
+
+    def render(self, ws: torch.Tensor | None = None) -> np.ndarray:
+        with torch.no_grad():
+            img = self.G.synthesis(self._ws() if ws is None else ws, noise_mode=self.config.noise_mode)
+        return to_uint8_image(img)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, max_steps: int | None = None) -> Iterator[StepResult]:
+        """Optimise until every handle reaches its target or max_steps; yields one result per step.
+
+        Closing the generator (or breaking out of the loop) between steps keeps all state; calling
+        run() again resumes with the same reference features and optimiser moments.
+        """
+        if not self.pairs:
+            raise DragError("add at least one handle/target pair first")
+        cfg = self.config.resolve(self.G, len(self.pairs), self.model_defaults)
+        steps = cfg.max_steps if max_steps is None else max_steps
+        self._prepare(cfg)
+        engine = _OfficialEngine(self, cfg) if cfg.compat == "official" else _Engine(self, cfg)
+        for k in range(steps + 1):
+            t0 = time.perf_counter()
+            result = engine.step(optimise=k < steps)
+            result.seconds = time.perf_counter() - t0
+            if result.done or k == steps or (cfg.display_every and result.step % cfg.display_every == 0):
+                result.image = self.render()
+            yield result
+            if result.done:
+                return
+
+
+def _pixel_to_feature(coord: torch.Tensor, image_res: int, feature_res: int) -> torch.Tensor:
+    """Image pixel-centre coordinates -> feature-map coordinates (align_corners=False convention)."""
+    return (coord + 0.5) * (feature_res / image_res) - 0.5
+
+
+def disc_offsets(r1: float) -> torch.Tensor:
+    """Integer (dx, dy) with dx^2 + dy^2 < r1^2: the disc on pixel centres around a handle."""
+    r = int(math.ceil(r1))
+    d = torch.arange(-r, r + 1, dtype=torch.float32)
+    dy, dx = torch.meshgrid(d, d, indexing="ij")
+    keep = dx.square() + dy.square() < r1 * r1
+    return torch.stack([dx[keep], dy[keep]], dim=1)  # [K, 2] as (x, y)
+
+
+class _FeatureWindow:
+    """Features of a window of the feature map, sampled at image pixel coordinates."""
+
+    def __init__(self, feat: torch.Tensor, window, image_res: int, feature_res: int):
+        self.feat, self.window = feat, window  # feat [1, C, h, w] covers window (y0, y1, x0, x1)
+        self.image_res, self.feature_res = image_res, feature_res
+
+    def sample(self, xy: torch.Tensor) -> torch.Tensor:
+        """Bilinear features at image coordinates xy [K, 2] (x, y) -> [K, C]; border-clamped."""
+        y0, y1, x0, x1 = self.window
+        uv = _pixel_to_feature(xy, self.image_res, self.feature_res).clamp(0, self.feature_res - 1)
+        u = uv[:, 0] - x0
+        v = uv[:, 1] - y0
+        w, h = x1 - x0, y1 - y0
+        assert (u >= 0).all() and (u <= w - 1).all() and (v >= 0).all() and (v <= h - 1).all(), \
+            "sample outside the computed feature window"
+        gx = 2 * u / max(w - 1, 1) - 1
+        gy = 2 * v / max(h - 1, 1) - 1
+        grid = torch.stack([gx, gy], dim=1).reshape(1, 1, -1, 2).to(self.feat.dtype)
+        return F.grid_sample(self.feat, grid, mode="bilinear", align_corners=True)[0, :, 0].t()
+
+
+class _Engine:
+    """Our formulation: native-grid bilinear features, windowed computation when possible."""
+
+    def __init__(self, session: DragSession, cfg: DragConfig):
+        self.s, self.cfg = session, cfg
+        self.G = session.G
+        self.res = session.resolution
+        self.offsets = disc_offsets(cfg.r1).to(session.device)
+        r2 = int(cfg.r2)
+        d = torch.arange(-r2, r2 + 1, dtype=torch.float32, device=session.device)
+        gy, gx = torch.meshgrid(d, d, indexing="ij")
+        self.square = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)  # row-major (y, then x)
+
+    # --- features
+    def _windows_for(self, centres: list[tuple[int, int]]):
+        """Merged feature windows covering tracking squares + motion discs around `centres`."""
+        cfg = self.cfg
+        margin = cfg.r2 + math.ceil(cfg.r1) + 2  # tracking square, disc around any candidate, one step
+        fr = cfg.feature_res
+        boxes = []
+        for x, y in centres:
+            lo = _pixel_to_feature(torch.tensor([x - margin, y - margin], dtype=torch.float32), self.res, fr)
+            hi = _pixel_to_feature(torch.tensor([x + margin, y + margin], dtype=torch.float32), self.res, fr)
+            box = [math.floor(lo[1]) - 1, math.ceil(hi[1]) + 2, math.floor(lo[0]) - 1, math.ceil(hi[0]) + 2]
+            box = [max(box[0], 0), min(box[1], fr), max(box[2], 0), min(box[3], fr)]
+            boxes.append(box)
+        merged: list[list[int]] = []
+        members: list[list[int]] = []
+        for i, b in enumerate(boxes):
+            for j, m in enumerate(merged):
+                if b[0] < m[1] and m[0] < b[1] and b[2] < m[3] and m[2] < b[3]:
+                    merged[j] = [min(b[0], m[0]), max(b[1], m[1]), min(b[2], m[2]), max(b[3], m[3])]
+                    members[j].append(i)
+                    break
+            else:
+                merged.append(b)
+                members.append([i])
+        return merged, members
+
+    def features(self, ws, centres, full: bool):
+        """Returns one _FeatureWindow per centre (shared objects for merged windows)."""
+        fr = self.cfg.feature_res
+        if not full and self.cfg.windowed and self.G.cfg.architecture == "skip" and self.cfg.noise_mode != "random":
+            merged, members = self._windows_for(centres)
+            area = sum((b[1] - b[0]) * (b[3] - b[2]) for b in merged)
+            if area < 0.6 * fr * fr:
+                out = [None] * len(centres)
+                for box, idx in zip(merged, members):
+                    feat = features_in_window(self.G.synthesis, ws, fr, tuple(box), self.cfg.noise_mode)
+                    fw = _FeatureWindow(feat, tuple(box), self.res, fr)
+                    for i in idx:
+                        out[i] = fw
+                return out, None
+        _, feat = self.G.synthesis(ws, noise_mode=self.cfg.noise_mode, feature_res=fr, stop_at_feature=True)
+        fw = _FeatureWindow(feat, (0, fr, 0, fr), self.res, fr)
+        return [fw] * len(centres), feat
+
+    # --- one step
+    def step(self, optimise: bool) -> StepResult:
+        s, cfg, device = self.s, self.cfg, self.s.device
+        pairs = s.pairs
+        masked = s.mask is not None and cfg.lambda_mask > 0
+        ws = s._ws()
+        # references for newly placed handles and for the mask term, from the current latent
+        need_ref = [p for p in pairs if p.reference is None]
+        if need_ref or (masked and s._mask_reference is None):
+            with torch.no_grad():
+                wins, full_feat = self.features(ws.detach(), [p.handle for p in need_ref] or [(0, 0)], full=masked)
+                for p, fw in zip(need_ref, wins):
+                    p.reference = fw.sample(torch.tensor([p.handle], dtype=torch.float32, device=device))[0]
+                if masked:
+                    s._mask_reference = full_feat.detach()
+        wins, full_feat = self.features(ws, [p.handle for p in pairs], full=masked)
+
+        # 1. point tracking on this step's features
+        with torch.no_grad():
+            for p, fw in zip(pairs, wins):
+                centre = torch.tensor(p.handle, dtype=torch.float32, device=device)
+                cand = centre + self.square
+                inside = ((cand >= 0) & (cand <= self.res - 1)).all(dim=1)
+                cand = cand[inside]
+                diff = fw.sample(cand) - p.reference
+                dist = diff.abs().sum(dim=1) if cfg.tracking == "l1" else diff.square().sum(dim=1)
+                best = cand[int(torch.argmin(dist))]
+                p.handle = (int(best[0]), int(best[1]))
+
+        distances = [math.dist(p.handle, p.target) for p in pairs]
+        active = [d > cfg.stop_distance for d in distances]
+        done = not any(active)
+        loss_motion = torch.zeros((), device=device)
+        for p, fw, act, dist in zip(pairs, wins, active, distances):
+            if not act:
+                continue
+            centre = torch.tensor(p.handle, dtype=torch.float32, device=device)
+            q = centre + self.offsets
+            q = q[((q >= 0) & (q <= self.res - 1)).all(dim=1)]
+            direction = (torch.tensor(p.target, dtype=torch.float32, device=device) - centre) / dist
+            loss_motion = loss_motion + (fw.sample(q).detach() - fw.sample(q + direction)).abs().mean()
+        loss_mask = torch.zeros((), device=device)
+        if masked:
+            keep = 1 - F.interpolate(s.mask[None, None], size=full_feat.shape[-2:], mode="area")
+            loss_mask = ((full_feat - s._mask_reference).abs() * keep).mean()
+        loss = loss_motion + cfg.lambda_mask * loss_mask
+        if optimise and not done:
+            s._opt.zero_grad(set_to_none=True)
+            loss.backward()
+            s._opt.step()
+            s.step_count += 1
+        loss, loss_motion, loss_mask = loss.detach(), loss_motion.detach(), loss_mask.detach()
+        return StepResult(step=s.step_count, handles=[p.handle for p in pairs], targets=[p.target for p in pairs],
+                          distances=distances, loss=loss.item(), loss_motion=loss_motion.item(),
+                          loss_mask=loss_mask.item(), done=done or not optimise, reached=done, seconds=0.0)
+
+
+class _OfficialEngine:
+    """The official implementation's choices: features bilinearly up-sampled to image size, L2
+    tracking on integer pixels, disc from a linspace grid, mean-L1 losses, its stop rule."""
+
+    def __init__(self, session: DragSession, cfg: DragConfig):
+        self.s, self.cfg = session, cfg
+        res = session.resolution
+        grid = torch.linspace(0, res, res, device=session.device)  # sic: spacing res/(res-1)
+        self.rows, self.cols = torch.meshgrid(grid, grid, indexing="ij")
+
+    def _features(self, ws):
+        _, feat = self.s.G.synthesis(ws, noise_mode=self.cfg.noise_mode, feature_res=self.cfg.feature_res,
+                                     stop_at_feature=True)
+        res = self.s.resolution
+        return F.interpolate(feat, size=(res, res), mode="bilinear", align_corners=False)
+
+    def step(self, optimise: bool) -> StepResult:
+        s, cfg, res = self.s, self.cfg, self.s.resolution
+        pairs = s.pairs
+        masked = s.mask is not None and cfg.lambda_mask > 0
+        need_ref = [p for p in pairs if p.reference is None]
+        if need_ref or (masked and s._mask_reference is None):
+            with torch.no_grad():
+                f0 = self._features(s._ws().detach())
+                for p in need_ref:
+                    p.reference = f0[0, :, p.handle[1], p.handle[0]].clone()
+                if masked:
+                    s._mask_reference = f0
+        feat = self._features(s._ws())
+        r2 = int(cfg.r2)
+        with torch.no_grad():
+            for p in pairs:
+                x, y = p.handle
+                top, bottom, left, right = max(y - r2, 0), min(y + r2 + 1, res), max(x - r2, 0), min(x + r2 + 1, res)
+                patch = feat[0, :, top:bottom, left:right]
+                dist = torch.linalg.norm(patch - p.reference[:, None, None], dim=0)
+                idx = int(torch.argmin(dist.reshape(-1)))
+                w = right - left
+                p.handle = (idx % w + left, idx // w + top)
+        distances = [math.dist(p.handle, p.target) for p in pairs]
+        done = all(d <= cfg.stop_distance for d in distances)
+        loss_motion = torch.zeros((), device=s.device)
+        for p, dist in zip(pairs, distances):
+            if dist <= 1:
+                continue
+            x, y = p.handle
+            dx, dy = (p.target[0] - x) / (dist + 1e-7), (p.target[1] - y) / (dist + 1e-7)
+            rows, cols = torch.where(((self.rows - y) ** 2 + (self.cols - x) ** 2).sqrt() < cfg.r1)
+            gy = (rows + dy) / (res - 1) * 2 - 1
+            gx = (cols + dx) / (res - 1) * 2 - 1
+            grid = torch.stack([gx, gy], dim=-1).reshape(1, 1, -1, 2)
+            moved = F.grid_sample(feat, grid, align_corners=True)[0, :, 0]
+            loss_motion = loss_motion + F.l1_loss(feat[0][:, rows, cols].detach(), moved)
+        loss_mask = torch.zeros((), device=s.device)
+        if masked:
+            keep = 1 - s.mask
+            loss_mask = F.l1_loss(feat * keep, s._mask_reference * keep)
+        loss = loss_motion + cfg.lambda_mask * loss_mask
+        if optimise and not done:
+            s._opt.zero_grad(set_to_none=True)
+            loss.backward()
+            s._opt.step()
+            s.step_count += 1
+        loss, loss_motion, loss_mask = loss.detach(), loss_motion.detach(), loss_mask.detach()
+        return StepResult(step=s.step_count, handles=[p.handle for p in pairs], targets=[p.target for p in pairs],
+                          distances=distances, loss=loss.item(), loss_motion=loss_motion.item(),
+                          loss_mask=loss_mask.item(), done=done or not optimise, reached=done, seconds=0.0)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .networks import Generator, GeneratorConfig
+from .ops import make_fir_filter
 
 MAX_CHECKPOINT_BYTES = 2 * 1024 ** 3  # the largest public StyleGAN2 pickles are ~400 MB
 NATIVE_FORMAT = "draggan-native-v1"
@@ -59,8 +60,15 @@ def _load_storage_from_bytes(data):
 def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
     if not isinstance(storage, torch.UntypedStorage | torch.TypedStorage):
         raise pickle.UnpicklingError("tensor without storage")
-    if any(not isinstance(s, int) or s < 0 for s in (*size, *stride, storage_offset)):
+    if any(not isinstance(s, int) or s < 0 for s in (*size, *stride, storage_offset)) or len(size) != len(stride):
         raise pickle.UnpicklingError("malformed tensor shape")
+    # set_() would grow (allocate) the storage to fit a declared shape: refuse tensors bigger than their data.
+    if all(s > 0 for s in size):
+        itemsize = torch.empty((), dtype=storage.dtype).element_size()
+        extent = storage_offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1
+        raw = storage._untyped_storage if isinstance(storage, torch.TypedStorage) else storage
+        if extent * itemsize > raw.nbytes():
+            raise pickle.UnpicklingError(f"tensor of shape {tuple(size)} is larger than its stored data")
     t = torch.empty((0,), dtype=storage.dtype)
     t.set_(storage._untyped_storage if isinstance(storage, torch.TypedStorage) else storage,
            storage_offset, tuple(size), tuple(stride))
@@ -246,6 +254,11 @@ def _rosinality_to_nvidia(sd: dict[str, torch.Tensor], latent_avg, lr_mlp: float
         z_dim=int(out["mapping.fc0.weight"].shape[1]), w_dim=int(w_dim), img_resolution=res,
         mapping_layers=n_mlp, mapping_lr_multiplier=lr_mlp, channels=_channels_from_state(out, res),
         img_channels=int(out[f"synthesis.b{res}.torgb.weight"].shape[0]))
+    # rosinality keeps no per-layer copies of the [1,3,3,1] FIR filter that our modules hold as buffers
+    fir = make_fir_filter(cfg.resample_filter)
+    for r in cfg.block_resolutions:
+        for layer in ("", ".conv1") + ((".conv0",) if r > 4 else ()):
+            out[f"synthesis.b{r}{layer}.resample_filter"] = fir.clone()
     return cfg, out
 
 
@@ -310,7 +323,7 @@ def detect_format(path: str | os.PathLike) -> str:
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:2] == b"\x80" + bytes([head[1]]) and 2 <= head[1] <= 5:
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "nvidia-pickle"
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
@@ -358,6 +371,23 @@ def _build(path, cfg: GeneratorConfig, state_dict, device) -> Generator:
     return G.to(device)
 
 
-def _short(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def short_reason(e: BaseException) -> str:
+    """One short line explaining an exception (torch's multi-paragraph weights-only errors included)."""
+    text = _ANSI_ESCAPE.sub("", str(e)).strip()
+    if text.startswith("Weights only load failed"):
+        # torch's message: a generic preamble, advice, then the actual reason on a later line
+        m = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?:\. Please use|\n|$)", text)
+        if m:
+            text = m.group(1)
+        else:
+            lines = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()
+                     and not ln.strip().startswith(("Check the documentation", "(1)", "(2)"))]
+            text = lines[0] if lines else "refused by torch's weights-only loader"
+    text = text.strip().splitlines()[0].strip() if text.strip() else type(e).__name__
     return text[:200]
+
+
+_short = short_reason

@@ -302,6 +302,58 @@ class _FeatureWindow:
         return F.grid_sample(self.feat, grid, mode="bilinear", align_corners=True)[0, :, 0].t()
 
 
+def merged_windows(centres, margin: int, size: int):
+    """Square image windows of half-size `margin` around centres, clipped, overlapping ones merged.
+
+    Returns (windows, members): windows as [y0, y1, x0, x1]; members[j] lists the centres in window j.
+    """
+    windows: list[list[int]] = []
+    members: list[list[int]] = []
+    for i, (x, y) in enumerate(centres):
+        b = [max(y - margin, 0), min(y + margin + 1, size), max(x - margin, 0), min(x + margin + 1, size)]
+        for j, m in enumerate(windows):
+            if b[0] < m[1] and m[0] < b[1] and b[2] < m[3] and m[2] < b[3]:
+                windows[j] = [min(b[0], m[0]), max(b[1], m[1]), min(b[2], m[2]), max(b[3], m[3])]
+                members[j].append(i)
+                break
+        else:
+            windows.append(b)
+            members.append([i])
+    return windows, members
+
+
+def feature_window_for(image_window, image_res: int, feature_res: int):
+    """Feature-map window holding every bilinear neighbour of the image window's pixel centres."""
+    y0, y1, x0, x1 = image_window
+    lo = lambda v: max(math.floor((v + 0.5) * feature_res / image_res - 0.5), 0)  # noqa: E731
+    hi = lambda v: min(math.ceil((v + 0.5) * feature_res / image_res - 0.5) + 2, feature_res)  # noqa: E731
+    return lo(y0), hi(y1 - 1), lo(x0), hi(x1 - 1)
+
+
+def windowed_features(G: Generator, cfg: DragConfig, ws, centres, margin: int, full: bool):
+    """One _FeatureWindow per centre covering image pixels within `margin` of it (None: full map).
+
+    With `full` (a mask needs the whole map), when windows would cover most of the map, or when the
+    network cannot be cropped exactly, the whole feature map is computed instead.
+    Returns (per-centre feature windows, per-centre image windows, full feature map or None).
+    """
+    fr, res = cfg.feature_res, G.img_resolution
+    if not full and cfg.windowed and G.cfg.architecture == "skip" and cfg.noise_mode != "random":
+        image_wins, members = merged_windows(centres, margin, res)
+        feat_wins = [feature_window_for(w, res, fr) for w in image_wins]
+        area = sum((b[1] - b[0]) * (b[3] - b[2]) for b in feat_wins)
+        if area < 0.6 * fr * fr:
+            out_f, out_i = [None] * len(centres), [None] * len(centres)
+            for fwin, iwin, idx in zip(feat_wins, image_wins, members):
+                fw = _FeatureWindow(features_in_window(G.synthesis, ws, fr, fwin, cfg.noise_mode), fwin, res, fr)
+                for i in idx:
+                    out_f[i], out_i[i] = fw, tuple(iwin)
+            return out_f, out_i, None
+    _, feat = G.synthesis(ws, noise_mode=cfg.noise_mode, feature_res=fr, stop_at_feature=True)
+    fw = _FeatureWindow(feat, (0, fr, 0, fr), res, fr)
+    return [fw] * len(centres), [(0, res, 0, res)] * len(centres), feat
+
+
 class _Engine:
     """Our formulation: native-grid bilinear features, windowed computation when possible."""
 
@@ -314,50 +366,12 @@ class _Engine:
         d = torch.arange(-r2, r2 + 1, dtype=torch.float32, device=session.device)
         gy, gx = torch.meshgrid(d, d, indexing="ij")
         self.square = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)  # row-major (y, then x)
-
-    # --- features
-    def _windows_for(self, centres: list[tuple[int, int]]):
-        """Merged feature windows covering tracking squares + motion discs around `centres`."""
-        cfg = self.cfg
-        margin = cfg.r2 + math.ceil(cfg.r1) + 2  # tracking square, disc around any candidate, one step
-        fr = cfg.feature_res
-        boxes = []
-        for x, y in centres:
-            lo = _pixel_to_feature(torch.tensor([x - margin, y - margin], dtype=torch.float32), self.res, fr)
-            hi = _pixel_to_feature(torch.tensor([x + margin, y + margin], dtype=torch.float32), self.res, fr)
-            box = [math.floor(lo[1]) - 1, math.ceil(hi[1]) + 2, math.floor(lo[0]) - 1, math.ceil(hi[0]) + 2]
-            box = [max(box[0], 0), min(box[1], fr), max(box[2], 0), min(box[3], fr)]
-            boxes.append(box)
-        merged: list[list[int]] = []
-        members: list[list[int]] = []
-        for i, b in enumerate(boxes):
-            for j, m in enumerate(merged):
-                if b[0] < m[1] and m[0] < b[1] and b[2] < m[3] and m[2] < b[3]:
-                    merged[j] = [min(b[0], m[0]), max(b[1], m[1]), min(b[2], m[2]), max(b[3], m[3])]
-                    members[j].append(i)
-                    break
-            else:
-                merged.append(b)
-                members.append([i])
-        return merged, members
+        # tracking square, then the disc (plus one step) around any pixel of it
+        self.margin = int(cfg.r2) + math.ceil(cfg.r1) + 1
 
     def features(self, ws, centres, full: bool):
-        """Returns one _FeatureWindow per centre (shared objects for merged windows)."""
-        fr = self.cfg.feature_res
-        if not full and self.cfg.windowed and self.G.cfg.architecture == "skip" and self.cfg.noise_mode != "random":
-            merged, members = self._windows_for(centres)
-            area = sum((b[1] - b[0]) * (b[3] - b[2]) for b in merged)
-            if area < 0.6 * fr * fr:
-                out = [None] * len(centres)
-                for box, idx in zip(merged, members):
-                    feat = features_in_window(self.G.synthesis, ws, fr, tuple(box), self.cfg.noise_mode)
-                    fw = _FeatureWindow(feat, tuple(box), self.res, fr)
-                    for i in idx:
-                        out[i] = fw
-                return out, None
-        _, feat = self.G.synthesis(ws, noise_mode=self.cfg.noise_mode, feature_res=fr, stop_at_feature=True)
-        fw = _FeatureWindow(feat, (0, fr, 0, fr), self.res, fr)
-        return [fw] * len(centres), feat
+        wins, _, feat = windowed_features(self.G, self.cfg, ws, centres, self.margin, full)
+        return wins, feat
 
     # --- one step
     def step(self, optimise: bool) -> StepResult:

@@ -139,7 +139,7 @@ def main(argv=None):
     from tqdm import tqdm
     budget = args.minutes * 60
     bar = tqdm(total=int(budget), initial=int(min(seconds, budget)), unit="s", dynamic_ncols=True,
-               desc="train", file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}] {postfix}")
+               desc="train", file=sys.stderr, mininterval=2 if sys.stderr.isatty() else 30, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}] {postfix}")
     last_save = time.time()
     psnr = float("nan")
     while seconds < budget and not stopping and (args.max_steps is None or step < args.max_steps):

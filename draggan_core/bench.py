@@ -1,0 +1,172 @@
+"""Benchmark: an official-style drag step against ours, same weights, same run.
+
+    python -m draggan_core bench [--config ffhq512|embedded|PATH] [--steps 20] [--mask] [--json]
+
+Baseline ("official-style"): what the official code does every step: the whole generator forward
+(image included) with gradients enabled on the weights, the b128 (6th block) features bilinearly
+up-sampled to image size, L2 tracking and the motion loss on that map, backward through everything.
+Ours: forward stopped at the feature block, features only in windows around the handles when there
+is no mask, native-grid sampling, no weight gradients, no image unless displayed.
+Both use the same settings (lr 1e-3, r1 3, r2 12, L2 tracking) so their trajectories are comparable;
+the image is not rendered during the timed steps in either.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .drag import DragConfig, DragSession
+from .networks import Generator, GeneratorConfig
+
+
+def _ffhq512() -> GeneratorConfig:
+    # stylegan2-ada-pytorch FFHQ 512 shape (paper config with cbase 32768, 8 mapping layers)
+    return GeneratorConfig(z_dim=512, w_dim=512, img_resolution=512, mapping_layers=8, channel_base=32768,
+                           channel_max=512, conv_clamp=256)
+
+
+def _load(config: str) -> tuple[Generator, str]:
+    if config == "ffhq512":
+        torch.manual_seed(0)
+        return Generator(_ffhq512()), "FFHQ-512-shaped StyleGAN2, random weights (seed 0)"
+    if config == "embedded":
+        from .models import default_model_path
+        config = str(default_model_path())
+    from .checkpoints import load_generator
+    return load_generator(config), config
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class _OfficialStyleStep:
+    """Times what one official step costs: full forward + image, grads on weights, upsampled features."""
+
+    def __init__(self, G: Generator, session: DragSession):
+        self.G, self.s = G, session
+
+    def __enter__(self):
+        self.G.requires_grad_(True)
+        original = self.s.G.synthesis.forward
+        synthesis = self.s.G.synthesis
+
+        def full_forward(ws, noise_mode="const", fused=None, feature_res=None, stop_at_feature=False):
+            if feature_res is None:  # display rendering, not part of a step
+                return original(ws, noise_mode=noise_mode, fused=fused)
+            img, feat = original(ws, noise_mode=noise_mode, fused=fused, feature_res=feature_res)
+            self.last_image = img  # the official step always produces the image
+            return img, feat
+
+        synthesis.forward = full_forward
+        self._restore = lambda: setattr(synthesis, "forward", original)
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+        self.G.requires_grad_(False)
+        self.G.zero_grad(set_to_none=True)
+
+
+def run_bench(config="ffhq512", steps=20, mask=False, threads=None, log=print) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    G, desc = _load(config)
+    res = G.img_resolution
+    rng = np.random.RandomState(0)
+    z = torch.from_numpy(rng.randn(1, G.z_dim)).float()
+    with torch.no_grad():
+        w = G.mapping(z, truncation_psi=0.7)
+    handle = (round(res * 0.45), round(res * 0.55))
+    target = (round(res * 0.52), round(res * 0.62))
+    feature_res = G.synthesis.block_resolutions[min(5, len(G.synthesis.block_resolutions) - 1)]
+    settings = dict(lr=1e-3, r1=3, r2=12, tracking="l2", feature_res=feature_res, display_every=0,
+                    stop_distance=0.5)
+    flex = None
+    if mask:
+        flex = np.zeros((res, res), np.float32)
+        flex[res // 4: 3 * res // 4, res // 4: 3 * res // 4] = 1
+
+    def session(compat):
+        s = DragSession(G, w, DragConfig(compat=compat, **settings))
+        s.add_pair(handle, target)
+        s.set_mask(flex)
+        return s
+
+    log(f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    log(f"model: {desc}; {res}px, feature block b{feature_res}, {steps} steps, mask={'yes' if mask else 'no'}")
+    results = {}
+    for name in ("ours", "baseline"):
+        s = session("ours" if name == "ours" else "official")
+        if name == "baseline":
+            ctx = _OfficialStyleStep(G, s)
+        else:
+            ctx = _NullContext()
+        with ctx:
+            handles, times = [], []
+            gen = s.run(max_steps=steps)
+            for r in gen:
+                handles.append(r.handles[0])
+                times.append(r.seconds)
+            # the first step includes one-time setup (reference features, kernel selection)
+            step_s = float(np.median(times[1:steps])) if steps > 1 else times[0]
+        results[name] = dict(step_s=step_s, handles=handles, peak_rss_mb=_peak_rss_mb())
+        log(f"{name:8s}: {step_s * 1000:8.1f} ms/step ({1 / step_s:6.2f} steps/s), peak RSS so far "
+            f"{results[name]['peak_rss_mb']:.0f} MB, handle {handles[0]} -> {handles[-1]}")
+    n = min(len(results["ours"]["handles"]), len(results["baseline"]["handles"]))
+    dev = max(float(np.hypot(a[0] - b[0], a[1] - b[1]))
+              for a, b in zip(results["ours"]["handles"][:n], results["baseline"]["handles"][:n]))
+    summary = dict(config=config, mask=mask, steps=steps, baseline_step_s=results["baseline"]["step_s"],
+                   ours_step_s=results["ours"]["step_s"],
+                   speedup=results["baseline"]["step_s"] / results["ours"]["step_s"],
+                   peak_rss_mb=results["ours"]["peak_rss_mb"], baseline_peak_rss_mb=results["baseline"]["peak_rss_mb"],
+                   max_dev_px=dev, cpu=_cpu_name(), threads=torch.get_num_threads())
+    log(f"speedup {summary['speedup']:.1f}x, max handle deviation {dev:.2f} px, "
+        f"peak RSS ours {summary['peak_rss_mb']:.0f} MB (process incl. baseline {summary['baseline_peak_rss_mb']:.0f} MB)")
+    return summary
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("bench", help="benchmark our drag step against an official-style step",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="ffhq512", help="ffhq512 (random weights), embedded, or a checkpoint path")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--mask", action="store_true", help="benchmark the masked case (full feature map)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    summary = run_bench(args.config, args.steps, args.mask, args.threads,
+                        log=lambda m: print(m, file=sys.stderr if args.json else sys.stdout))
+    if args.json:
+        print(json.dumps(summary))
+    return 0

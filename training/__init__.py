@@ -1,0 +1,1 @@
+"""Training-side code: procedural face world and StyleGAN2 training."""

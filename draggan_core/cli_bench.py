@@ -19,6 +19,7 @@ import platform
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +41,8 @@ def _load(config: str) -> tuple[Generator, str]:
     if config == "embedded":
         from .models import default_model_path
         config = str(default_model_path())
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"{config}: the embedded model is missing")
     from .checkpoints import load_generator
     return load_generator(config), config
 

@@ -5,10 +5,12 @@
 Baseline ("official-style"): what the official code does every step: the whole generator forward
 (image included) with gradients enabled on the weights, the b128 (6th block) features bilinearly
 up-sampled to image size, L2 tracking and the motion loss on that map, backward through everything.
-Ours: forward stopped at the feature block, features only in windows around the handles when there
-is no mask, native-grid sampling, no weight gradients, no image unless displayed.
-Both use the same settings (lr 1e-3, r1 3, r2 12, L2 tracking) so their trajectories are comparable;
-the image is not rendered during the timed steps in either.
+Ours: the same math (`--compat official`: same disc, same up-sampled-map sampling, same tracking), but
+the forward stops at the feature block, features are computed only in windows around the handles
+when there is no mask (exact), and no weight gradients are computed. Same settings in both
+(lr 1e-3, r1 3, r2 12), so the handle trajectories must agree; `max_dev_px` checks it.
+Our default formulation (native-grid sampling, exact disc, L1 tracking) is timed too
+(`ours_default_step_s`); its trajectory differs by design. No image is rendered in timed steps.
 """
 from __future__ import annotations
 
@@ -76,7 +78,8 @@ class _OfficialStyleStep:
         def full_forward(ws, noise_mode="const", fused=None, feature_res=None, stop_at_feature=False):
             if feature_res is None:  # display rendering, not part of a step
                 return original(ws, noise_mode=noise_mode, fused=fused)
-            img, feat = original(ws, noise_mode=noise_mode, fused=fused, feature_res=feature_res)
+            # NVIDIA's networks use the fused (grouped) modulated conv at batch 1 in eval mode
+            img, feat = original(ws, noise_mode=noise_mode, feature_res=feature_res)
             self.last_image = img  # the official step always produces the image
             return img, feat
 
@@ -102,15 +105,15 @@ def run_bench(config="ffhq512", steps=20, mask=False, threads=None, log=print) -
     handle = (round(res * 0.45), round(res * 0.55))
     target = (round(res * 0.52), round(res * 0.62))
     feature_res = G.synthesis.block_resolutions[min(5, len(G.synthesis.block_resolutions) - 1)]
-    settings = dict(lr=1e-3, r1=3, r2=12, tracking="l2", feature_res=feature_res, display_every=0,
-                    stop_distance=0.5)
+    settings = dict(lr=1e-3, r1=3, r2=12, feature_res=feature_res, display_every=0, stop_distance=0.5)
     flex = None
     if mask:
         flex = np.zeros((res, res), np.float32)
         flex[res // 4: 3 * res // 4, res // 4: 3 * res // 4] = 1
 
-    def session(compat):
-        s = DragSession(G, w, DragConfig(compat=compat, **settings))
+    def session(compat, windowed=True):
+        s = DragSession(G, w, DragConfig(compat=compat, tracking="l2" if compat == "official" else "l1",
+                                         windowed=windowed, **settings))
         s.add_pair(handle, target)
         s.set_mask(flex)
         return s
@@ -118,8 +121,8 @@ def run_bench(config="ffhq512", steps=20, mask=False, threads=None, log=print) -
     log(f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     log(f"model: {desc}; {res}px, feature block b{feature_res}, {steps} steps, mask={'yes' if mask else 'no'}")
     results = {}
-    for name in ("ours", "baseline"):
-        s = session("ours" if name == "ours" else "official")
+    for name in ("ours", "default", "baseline"):
+        s = session("ours" if name == "default" else "official", windowed=name != "baseline")
         if name == "baseline":
             ctx = _OfficialStyleStep(G, s)
         else:
@@ -133,13 +136,14 @@ def run_bench(config="ffhq512", steps=20, mask=False, threads=None, log=print) -
             # the first step includes one-time setup (reference features, kernel selection)
             step_s = float(np.median(times[1:steps])) if steps > 1 else times[0]
         results[name] = dict(step_s=step_s, handles=handles, peak_rss_mb=_peak_rss_mb())
-        log(f"{name:8s}: {step_s * 1000:8.1f} ms/step ({1 / step_s:6.2f} steps/s), peak RSS so far "
+        label = {"ours": "ours (same math)", "default": "ours (default formulation)", "baseline": "official-style"}[name]
+        log(f"{label:27s}: {step_s * 1000:8.1f} ms/step ({1 / step_s:6.2f} steps/s), peak RSS so far "
             f"{results[name]['peak_rss_mb']:.0f} MB, handle {handles[0]} -> {handles[-1]}")
     n = min(len(results["ours"]["handles"]), len(results["baseline"]["handles"]))
     dev = max(float(np.hypot(a[0] - b[0], a[1] - b[1]))
               for a, b in zip(results["ours"]["handles"][:n], results["baseline"]["handles"][:n]))
     summary = dict(config=config, mask=mask, steps=steps, baseline_step_s=results["baseline"]["step_s"],
-                   ours_step_s=results["ours"]["step_s"],
+                   ours_step_s=results["ours"]["step_s"], ours_default_step_s=results["default"]["step_s"],
                    speedup=results["baseline"]["step_s"] / results["ours"]["step_s"],
                    peak_rss_mb=results["ours"]["peak_rss_mb"], baseline_peak_rss_mb=results["baseline"]["peak_rss_mb"],
                    max_dev_px=dev, cpu=_cpu_name(), threads=torch.get_num_threads())

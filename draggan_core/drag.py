@@ -33,6 +33,9 @@ from .networks import Generator, to_uint8_image
 from .windowed import features_in_window
 
 COMPAT_MODES = ("ours", "official")
+# Scale activations rather than weights in the drag step: with frozen weights the backward pass then
+# needs no weight gradient (measured in the README's benchmark section).
+FUSED_MODCONV = False
 
 
 @dataclass
@@ -345,11 +348,12 @@ def windowed_features(G: Generator, cfg: DragConfig, ws, centres, margin: int, f
         if area < 0.6 * fr * fr:
             out_f, out_i = [None] * len(centres), [None] * len(centres)
             for fwin, iwin, idx in zip(feat_wins, image_wins, members):
-                fw = _FeatureWindow(features_in_window(G.synthesis, ws, fr, fwin, cfg.noise_mode), fwin, res, fr)
+                feat = features_in_window(G.synthesis, ws, fr, fwin, cfg.noise_mode, fused=FUSED_MODCONV)
+                fw = _FeatureWindow(feat, fwin, res, fr)
                 for i in idx:
                     out_f[i], out_i[i] = fw, tuple(iwin)
             return out_f, out_i, None
-    _, feat = G.synthesis(ws, noise_mode=cfg.noise_mode, feature_res=fr, stop_at_feature=True)
+    _, feat = G.synthesis(ws, noise_mode=cfg.noise_mode, feature_res=fr, stop_at_feature=True, fused=FUSED_MODCONV)
     fw = _FeatureWindow(feat, (0, fr, 0, fr), res, fr)
     return [fw] * len(centres), [(0, res, 0, res)] * len(centres), feat
 
@@ -432,19 +436,36 @@ class _Engine:
 
 class _OfficialEngine:
     """The official implementation's choices: features bilinearly up-sampled to image size, L2
-    tracking on integer pixels, disc from a linspace grid, mean-L1 losses, its stop rule."""
+    tracking on integer pixels, disc from a linspace grid, mean-L1 losses, its stop rule.
+
+    Without a mask the up-sampled map is only built in tiles around the handles (from windowed
+    features); the numbers are those of the full map, up to float rounding.
+    """
 
     def __init__(self, session: DragSession, cfg: DragConfig):
         self.s, self.cfg = session, cfg
         res = session.resolution
         grid = torch.linspace(0, res, res, device=session.device)  # sic: spacing res/(res-1)
         self.rows, self.cols = torch.meshgrid(grid, grid, indexing="ij")
+        # tracking square + drifted disc (< r1 + 1) + one step + bilinear neighbour
+        self.margin = int(cfg.r2) + math.ceil(cfg.r1) + 3
 
-    def _features(self, ws):
-        _, feat = self.s.G.synthesis(ws, noise_mode=self.cfg.noise_mode, feature_res=self.cfg.feature_res,
-                                     stop_at_feature=True)
+    def _tiles(self, ws, centres, full: bool):
+        """Per centre: (up-sampled features [C, h, w], image window (y0, y1, x0, x1)); and the full map."""
         res = self.s.resolution
-        return F.interpolate(feat, size=(res, res), mode="bilinear", align_corners=False)
+        wins, image_wins, feat = windowed_features(self.s.G, self.cfg, ws, centres, self.margin, full)
+        if feat is not None:
+            up = F.interpolate(feat, size=(res, res), mode="bilinear", align_corners=False)
+            return [(up[0], (0, res, 0, res))] * len(centres), up
+        tiles, built = [], {}
+        for fw, (y0, y1, x0, x1) in zip(wins, image_wins):
+            if id(fw) not in built:
+                ys, xs = torch.meshgrid(torch.arange(y0, y1, dtype=torch.float32, device=ws.device),
+                                        torch.arange(x0, x1, dtype=torch.float32, device=ws.device), indexing="ij")
+                xy = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)
+                built[id(fw)] = fw.sample(xy).t().reshape(-1, y1 - y0, x1 - x0)
+            tiles.append((built[id(fw)], (y0, y1, x0, x1)))
+        return tiles, None
 
     def step(self, optimise: bool) -> StepResult:
         s, cfg, res = self.s, self.cfg, self.s.resolution
@@ -453,18 +474,18 @@ class _OfficialEngine:
         need_ref = [p for p in pairs if p.reference is None]
         if need_ref or (masked and s._mask_reference is None):
             with torch.no_grad():
-                f0 = self._features(s._ws().detach())
-                for p in need_ref:
-                    p.reference = f0[0, :, p.handle[1], p.handle[0]].clone()
+                tiles, full = self._tiles(s._ws().detach(), [p.handle for p in need_ref] or [(0, 0)], masked)
+                for p, (tile, (y0, _, x0, _)) in zip(need_ref, tiles):
+                    p.reference = tile[:, p.handle[1] - y0, p.handle[0] - x0].clone()
                 if masked:
-                    s._mask_reference = f0
-        feat = self._features(s._ws())
+                    s._mask_reference = full
+        tiles, full = self._tiles(s._ws(), [p.handle for p in pairs], masked)
         r2 = int(cfg.r2)
         with torch.no_grad():
-            for p in pairs:
+            for p, (tile, (y0, _, x0, _)) in zip(pairs, tiles):
                 x, y = p.handle
                 top, bottom, left, right = max(y - r2, 0), min(y + r2 + 1, res), max(x - r2, 0), min(x + r2 + 1, res)
-                patch = feat[0, :, top:bottom, left:right]
+                patch = tile[:, top - y0:bottom - y0, left - x0:right - x0]
                 dist = torch.linalg.norm(patch - p.reference[:, None, None], dim=0)
                 idx = int(torch.argmin(dist.reshape(-1)))
                 w = right - left
@@ -472,21 +493,22 @@ class _OfficialEngine:
         distances = [math.dist(p.handle, p.target) for p in pairs]
         done = all(d <= cfg.stop_distance for d in distances)
         loss_motion = torch.zeros((), device=s.device)
-        for p, dist in zip(pairs, distances):
+        for p, dist, (tile, (y0, y1, x0, x1)) in zip(pairs, distances, tiles):
             if dist <= 1:
                 continue
             x, y = p.handle
             dx, dy = (p.target[0] - x) / (dist + 1e-7), (p.target[1] - y) / (dist + 1e-7)
             rows, cols = torch.where(((self.rows - y) ** 2 + (self.cols - x) ** 2).sqrt() < cfg.r1)
-            gy = (rows + dy) / (res - 1) * 2 - 1
-            gx = (cols + dx) / (res - 1) * 2 - 1
+            rows, cols = rows - y0, cols - x0  # tile coordinates
+            gy = (rows + dy) / (y1 - y0 - 1) * 2 - 1
+            gx = (cols + dx) / (x1 - x0 - 1) * 2 - 1
             grid = torch.stack([gx, gy], dim=-1).reshape(1, 1, -1, 2)
-            moved = F.grid_sample(feat, grid, align_corners=True)[0, :, 0]
-            loss_motion = loss_motion + F.l1_loss(feat[0][:, rows, cols].detach(), moved)
+            moved = F.grid_sample(tile[None], grid, align_corners=True)[0, :, 0]  # zero outside the image
+            loss_motion = loss_motion + F.l1_loss(tile[:, rows, cols].detach(), moved)
         loss_mask = torch.zeros((), device=s.device)
         if masked:
             keep = 1 - s.mask
-            loss_mask = F.l1_loss(feat * keep, s._mask_reference * keep)
+            loss_mask = F.l1_loss(full * keep, s._mask_reference * keep)
         loss = loss_motion + cfg.lambda_mask * loss_mask
         if optimise and not done:
             s._opt.zero_grad(set_to_none=True)

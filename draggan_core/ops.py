@@ -100,19 +100,19 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
     if fused is None:
         fused = batch == 1
     padding = kh // 2
-    if demodulate:
-        w = weight[None] * styles.reshape(batch, 1, in_channels, 1, 1)
-        dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()  # [N, O]
     if not fused:
+        # Scale activations instead of weights: the conv then uses the (frozen) weight as is, so
+        # backward needs no weight gradient. sum_ik (W_oik s_i)^2 = sum_i s_i^2 sum_k W_oik^2.
+        if demodulate:
+            dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt()  # [N, O]
         x = x * styles.reshape(batch, in_channels, 1, 1)
         x = conv_up2(x, weight, resample_filter) if up == 2 else F.conv2d(x, weight, padding=padding)
         if demodulate:
             x = x * dcoefs.reshape(batch, out_channels, 1, 1)
         return x if noise is None else x + noise
-    if not demodulate:
-        w = weight[None] * styles.reshape(batch, 1, in_channels, 1, 1)
-    else:
-        w = w * dcoefs.reshape(batch, out_channels, 1, 1, 1)
+    w = weight[None] * styles.reshape(batch, 1, in_channels, 1, 1)
+    if demodulate:
+        w = w * (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt().reshape(batch, out_channels, 1, 1, 1)
     x = x.reshape(1, batch * in_channels, *x.shape[2:])
     w = w.reshape(batch * out_channels, in_channels, kh, kw)
     if up == 2:

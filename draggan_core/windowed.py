@@ -52,7 +52,7 @@ def block_windows(feature_res: int, window: Window) -> dict[int, Window]:
 
 
 def features_in_window(synthesis: SynthesisNetwork, ws: torch.Tensor, feature_res: int, window: Window,
-                       noise_mode: str = "const") -> torch.Tensor:
+                       noise_mode: str = "const", fused: bool | None = None) -> torch.Tensor:
     """Feature map of block `feature_res` restricted to `window` (clipped to the map), exactly.
 
     Returns [N, C, y1 - y0, x1 - x0] for the clipped window. Needs the 'skip' architecture and
@@ -72,16 +72,16 @@ def features_in_window(synthesis: SynthesisNetwork, ws: torch.Tensor, feature_re
         if res == 4:
             const = block.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
             x = extend(const, (0, 4, 0, 4), conv1_in, 4)
-            x = block.conv1(x, ws[:, start], noise_mode, noise_region=conv1_in)
+            x = block.conv1(x, ws[:, start], noise_mode, fused, noise_region=conv1_in)
         else:
             s = up_input_window(conv1_in)
             x = extend(x, have, s, res // 2)
             up_region = (2 * s[0], 2 * s[1], 2 * s[2], 2 * s[3])
-            x = block.conv0(x, ws[:, start], noise_mode, noise_region=up_region)
+            x = block.conv0(x, ws[:, start], noise_mode, fused, noise_region=up_region)
             oy, ox = conv1_in[0] - up_region[0], conv1_in[2] - up_region[2]
             x = x[..., oy: oy + conv1_in[1] - conv1_in[0], ox: ox + conv1_in[3] - conv1_in[2]]
             x = zero_outside(x, conv1_in, res)  # conv1's input must read as zero padding off-image
-            x = block.conv1(x, ws[:, start + 1], noise_mode, noise_region=conv1_in)
+            x = block.conv1(x, ws[:, start + 1], noise_mode, fused, noise_region=conv1_in)
         x = x[..., 1:-1, 1:-1]  # the exact interior, which is `target`
         have = target
     return x

@@ -155,3 +155,14 @@ def test_mask_keeps_fixed_region(G, w0):
     mask = np.zeros((64, 64), np.float32)
     mask[5:35, 5:35] = 1  # flexible region around the edit only
     assert change_outside(mask) < change_outside(None)
+
+
+def test_official_compat_windowed_equals_full(G, w0):
+    runs = []
+    for windowed in (True, False):
+        s = DragSession(G, w0, DragConfig(compat="official", feature_res=32, r1=3, r2=4, windowed=windowed,
+                                          display_every=0))
+        s.add_pair((30, 30), (38, 36))
+        runs.append(([r.handles for r in s.run(max_steps=15)], s.latent))
+    assert runs[0][0] == runs[1][0]
+    assert (runs[0][1] - runs[1][1]).abs().max() < 2e-3

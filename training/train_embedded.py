@@ -27,7 +27,8 @@ from draggan_core.checkpoints import save_native
 from draggan_core.networks import Generator, GeneratorConfig
 from training import faces
 
-HELD_OUT_SEED = 1_000_003  # z for evaluation come from this seed; training seeds are step indices
+HELD_OUT_SEED = 1_000_003
+MAX_STEP_SECONDS = 3.0  # z for evaluation come from this seed; training seeds are step indices
 
 
 def embedded_config() -> GeneratorConfig:
@@ -155,7 +156,8 @@ def main(argv=None):
             for p_ema, p in zip(G_ema.parameters(), G.parameters()):
                 p_ema.lerp_(p, 1 - ema_beta)
         step += 1
-        dt = time.time() - t0
+        # a step longer than MAX_STEP_SECONDS was suspended (SIGSTOP, laptop sleep): count it as capped
+        dt = min(time.time() - t0, MAX_STEP_SECONDS)
         seconds += dt
         bar.update(dt)
         if step % args.eval_every == 0:

@@ -112,6 +112,7 @@ class StepResult:
     reached: bool
     seconds: float
     image: np.ndarray | None = None    # HxWx3 uint8 when rendered this step
+    message: str | None = None         # set when the run had to stop abnormally (rolled back)
 
 
 class DragError(ValueError):
@@ -240,6 +241,15 @@ class DragSession:
         for group in self._opt.param_groups:
             group["lr"] = cfg.lr
 
+    def _rollback(self, good_param: torch.Tensor, good_handles, cfg: DragConfig):
+        """Restore the last finite latent and handles; Adam's moments may be poisoned: start fresh."""
+        with torch.no_grad():
+            self._param.copy_(good_param)
+        self._opt = torch.optim.Adam([self._param], lr=cfg.lr)
+        for p, h in zip(self.pairs, good_handles):
+            p.handle = h
+        self.step_count = max(self.step_count - 1, 0)
+
     def render(self, ws: torch.Tensor | None = None) -> np.ndarray:
         with torch.no_grad():
             img = self.G.synthesis(self._ws() if ws is None else ws, noise_mode=self.config.noise_mode)
@@ -260,13 +270,26 @@ class DragSession:
         engine = _OfficialEngine(self, cfg) if cfg.compat == "official" else _Engine(self, cfg)
         for k in range(steps + 1):
             t0 = time.perf_counter()
+            good_param = self._param.detach().clone()
+            good_handles = [p.handle for p in self.pairs]
             result = engine.step(optimise=k < steps)
             result.seconds = time.perf_counter() - t0
+            if not (math.isfinite(result.loss) and torch.isfinite(self._param).all()
+                    and self._param.abs().max() < MAX_LATENT_ABS):
+                self._rollback(good_param, good_handles, cfg)
+                result.handles = good_handles
+                result.distances = [math.dist(p.handle, p.target) for p in self.pairs]
+                result.done, result.reached = True, False
+                result.message = (f"the optimisation diverged (non-finite or huge values) at step {self.step_count}; "
+                                  "rolled back to the last good latent - try a smaller learning rate")
             if result.done or k == steps or (cfg.display_every and result.step % cfg.display_every == 0):
                 result.image = self.render()
             yield result
             if result.done:
                 return
+
+
+MAX_LATENT_ABS = 1e4
 
 
 def _pixel_to_feature(coord: torch.Tensor, image_res: int, feature_res: int) -> torch.Tensor:

@@ -166,3 +166,35 @@ def test_official_compat_windowed_equals_full(G, w0):
         runs.append(([r.handles for r in s.run(max_steps=15)], s.latent))
     assert runs[0][0] == runs[1][0]
     assert (runs[0][1] - runs[1][1]).abs().max() < 2e-3
+
+
+def test_divergence_rolls_back_to_last_good_latent(G, w0):
+    s = DragSession(G, w0, DragConfig(feature_res=32, display_every=0))
+    s.add_pair((20, 20), (40, 40))
+    list(s.run(max_steps=3))
+    good = s.latent
+    s._param.register_hook(lambda grad: grad * float("nan"))  # poison the next update
+    results = list(s.run(max_steps=5))
+    assert results[-1].done and not results[-1].reached and "rolled back" in results[-1].message
+    assert torch.isfinite(s.latent).all() and torch.equal(s.latent, good)
+    assert s.step_count == 3 and results[-1].image is not None
+
+
+def _peak_rss_growth(G, w0, warmup, steps):
+    import resource
+    s = DragSession(G, w0, DragConfig(feature_res=32, display_every=50, stop_distance=0))
+    s.add_pair((20, 20), (40, 40))
+    rss = {}
+    for r in s.run(max_steps=steps):
+        if r.step in (warmup, steps):
+            rss[r.step] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (rss[steps] - rss[warmup]) / 1024  # MB
+
+
+def test_run_memory_is_flat(G, w0):
+    assert _peak_rss_growth(G, w0, 30, 150) < 20
+
+
+@pytest.mark.slow
+def test_thousand_step_run_memory_is_flat(G, w0):
+    assert _peak_rss_growth(G, w0, 100, 1100) < 20

@@ -42,6 +42,22 @@ def embedded_config() -> GeneratorConfig:
     )
 
 
+DRAG_DEFAULTS_FILE = Path(__file__).with_name("embedded_drag_defaults.json")
+
+
+@torch.no_grad()
+def export_model(G_ema: Generator, path, step: int, seconds: float, dtype=torch.float16):
+    """Write the shipped checkpoint: w_avg set to the mean W (truncation needs it), fp16 weights,
+    training facts and the drag defaults chosen by the evaluation sweep in the metadata."""
+    z = torch.from_numpy(faces.sample_z(8192, seed=HELD_OUT_SEED + 1))
+    G_ema.mapping.w_avg.copy_(G_ema.mapping(z)[:, 0].mean(dim=0))
+    meta = {"training_steps": str(step), "training_minutes": f"{seconds / 60:.1f}",
+            "training_images": str(step * 16), "renderer": "training/faces.py"}
+    if DRAG_DEFAULTS_FILE.exists():
+        meta["drag_defaults"] = DRAG_DEFAULTS_FILE.read_text()
+    save_native(G_ema, path, dtype=dtype, extra_metadata=meta)
+
+
 def render_batch(z: np.ndarray):
     batch = faces.render(z)
     images = torch.from_numpy(batch.images)
@@ -126,8 +142,7 @@ def main(argv=None):
                     "step": step, "seconds": seconds, "config": cfg.to_json()}, tmp)
         os.replace(tmp, ckpt_path)
         if args.export:
-            save_native(G_ema, args.export, dtype=torch.float16,
-                        extra_metadata={"training_steps": str(step), "training_minutes": f"{seconds / 60:.1f}"})
+            export_model(G_ema, args.export, step, seconds)
 
     stopping = False
 

@@ -1,0 +1,31 @@
+"""Export the shipped embedded model from the training state (w_avg, fp16, metadata).
+
+    python -m training.finalize_model [--state runs/embedded/last.pt] [--out checkpoints/embedded-faces64.safetensors]
+
+Drag defaults are read from training/embedded_drag_defaults.json (written from the evaluation sweep).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from draggan_core.models import default_model_path
+from draggan_core.networks import Generator, GeneratorConfig
+from training.train_embedded import export_model
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--state", default="runs/embedded/last.pt")
+    p.add_argument("--out", default=str(default_model_path()))
+    args = p.parse_args(argv)
+    state = torch.load(args.state, weights_only=True)
+    G_ema = Generator(GeneratorConfig.from_json(state["config"]))
+    G_ema.load_state_dict(state["G_ema"])
+    export_model(G_ema, args.out, int(state["step"]), float(state["seconds"]))
+    print(f"wrote {args.out} (step {state['step']}, {state['seconds'] / 60:.1f} min of training)")
+
+
+if __name__ == "__main__":
+    main()

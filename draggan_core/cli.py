@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO_ROOT / "checkpoints" / "embedded-faces64.safetensors"
-DEFAULT_CHECKPOINTS_DIR = REPO_ROOT / "checkpoints"
+from .models import CHECKPOINTS_DIR as DEFAULT_CHECKPOINTS_DIR
+from .models import default_model_path
+
+DEFAULT_MODEL = default_model_path()
 EXIT_ERROR = 2
 
 AddParser = Callable[[argparse._SubParsersAction], None]

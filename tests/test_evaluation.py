@@ -1,0 +1,176 @@
+"""Mechanics of the landmark-transfer evaluation protocol and the landmark detector (not quality)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from draggan_core import evaluation as ev
+from draggan_core.landmark_net import DEFAULT_DETECTOR_PATH, Detection, LandmarkDetector, LandmarkNet
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = (REPO / ".." / "shared" / "fixtures" / "official" / "stylegan2-tiny64-randinit.pkl").resolve()
+needs_fixture = pytest.mark.skipif(not FIXTURE.is_file(), reason="fixture generator not found")
+needs_detector = pytest.mark.skipif(not DEFAULT_DETECTOR_PATH.is_file(), reason="detector weights not trained")
+
+
+@pytest.fixture(scope="module")
+def G():
+    from draggan_core.checkpoints import load_generator
+    if not FIXTURE.is_file():
+        pytest.skip("fixture generator not found")
+    return load_generator(FIXTURE)
+
+
+class StubDetector:
+    """Deterministic fake detector: landmarks are a function of the image's mean colour."""
+    names = list(LandmarkNet().cfg.landmark_names)
+
+    def __call__(self, images) -> Detection:
+        x = LandmarkDetector.to_tensor(images)
+        n, k = x.shape[0], len(self.names)
+        base = torch.linspace(8, 56, k)
+        shift = (x.mean(dim=(1, 2, 3)) * 40)[:, None]                      # [-40, 40]
+        pts = torch.stack([(base + shift) % 60 + 2, (base.flip(0) + 0.5 * shift) % 60 + 2], dim=-1)
+        return Detection(points=pts, spread=torch.ones(n, k), visible=torch.ones(n, k),
+                         features=torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1))
+
+
+def test_splits_are_disjoint_and_deterministic():
+    val = ev.pair_seeds("val", 200, seed=0)
+    test = ev.pair_seeds("test", 200, seed=0)
+    assert val == ev.pair_seeds("val", 200, seed=0)
+    flat_val = {s for p in val for s in p}
+    flat_test = {s for p in test for s in p}
+    assert len(flat_val) == 400 and len(flat_test) == 400          # distinct seeds within a run
+    assert not flat_val & flat_test
+    assert all(0 <= s < 10_000 for s in flat_val) and all(10_000 <= s < 20_000 for s in flat_test)
+    assert ev.pair_seeds("test", 5, seed=1) != ev.pair_seeds("test", 5, seed=0)
+
+
+def test_distance_reduction_kid_and_mask():
+    assert ev.mean_distance([[0, 0], [1, 1]], [[3, 4], [1, 1]]) == pytest.approx(2.5)
+    assert ev.reduction_percent(10.0, 2.5) == pytest.approx(75.0)
+    assert math.isnan(ev.reduction_percent(0.0, 1.0))
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 8)), rng.normal(size=(200, 8))
+    same, _ = ev.kid(a, b)
+    shifted, _ = ev.kid(a, b + 1.0)
+    assert abs(same) < 0.05 < shifted
+    m = ev.flexible_mask([(10, 10)], [(20, 10)], 64, margin=4)
+    assert m[10, 10] == 1 and m[10, 20] == 1 and m[10, 15] == 1 and m[40, 40] == 0 and m[10, 26] == 0
+
+
+def test_choose_points_modes():
+    names = StubDetector.names
+    vis = np.ones(len(names), bool)
+    vis_b = vis.copy()
+    vis_b[names.index("ear_left")] = False
+    rng = np.random.default_rng(0)
+    assert [names[i] for i in ev.choose_points("5", names, vis, vis_b, rng)] == list(ev.FIVE_POINTS)
+    allp = ev.choose_points("all", names, vis, vis_b, rng)
+    assert len(allp) == len(names) - 1 and names.index("ear_left") not in allp
+    one = ev.choose_points("1", names, vis, vis_b, rng)
+    assert len(one) == 1 and one[0] != names.index("ear_left")
+
+
+@needs_fixture
+def test_protocol_mechanics_with_known_landmarks(G):
+    from draggan_core.latents import seed_to_w
+    from draggan_core.networks import to_uint8_image
+    det = StubDetector()
+    cfg = ev.EvalConfig(pairs=2, points="5", steps=2, seed=3, split="val")
+    r = ev.evaluate(G, det, cfg)
+    for key in ev.RESULT_KEYS + ("md_tracked", "steps", "kid_lm", "pixel_change"):
+        assert key in r
+    assert r["pairs"] == 2 and r["points"] == "5"
+    pairs = ev.pair_seeds("val", 2, seed=3)
+    expected = []
+    for rec, (sa, sb) in zip(r["per_pair"], pairs):
+        assert (rec["seed_a"], rec["seed_b"]) == (sa, sb)
+        imgs = [to_uint8_image(G.synthesis(seed_to_w(G, s), noise_mode="const")) for s in (sa, sb)]
+        d = det(np.stack(imgs))
+        idx = [det.names.index(n) for n in ev.FIVE_POINTS]
+        lm_a, lm_b = d.points[0, idx].numpy(), d.points[1, idx].numpy()
+        assert rec["md_before"] == pytest.approx(np.linalg.norm(lm_a - lm_b, axis=1).mean(), abs=1e-4)
+        assert rec["steps"] <= 2
+        expected.append(rec["md_before"])
+    assert r["md_before"] == pytest.approx(np.mean(expected))
+    assert r["reduction"] == pytest.approx(100 * (r["md_before"] - r["md_after"]) / r["md_before"])
+
+
+@needs_fixture
+def test_mask_mode_reports_outside_change(G):
+    r = ev.evaluate(G, StubDetector(), ev.EvalConfig(pairs=1, points="1", steps=2, mask=True))
+    for key in ("outside_change_nomask", "outside_change_mask", "md_after_mask", "seconds_per_edit_mask"):
+        assert key in r and np.isfinite(r[key])
+
+
+@needs_fixture
+@needs_detector
+def test_cli_json_last_line(capsys):
+    from draggan_core.cli import main
+    rc = main(["eval", "--model", str(FIXTURE), "--pairs", "2", "--steps", "2", "--points", "1",
+               "--split", "val", "--json", "--threads", "1"])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    r = json.loads(last)
+    assert set(ev.RESULT_KEYS) <= set(r) and r["pairs"] == 2 and r["points"] == "1"
+
+
+def test_cli_rejects_bad_pairs(capsys):
+    from draggan_core.cli import main
+    assert main(["eval", "--model", str(FIXTURE), "--pairs", "0"]) == 2
+    assert "pairs" in capsys.readouterr().err
+
+
+@needs_detector
+def test_detector_error_on_renders():
+    from training import faces
+    det = LandmarkDetector.load()
+    batch = faces.render(faces.sample_z(16, 123_456_789))
+    d = det(torch.from_numpy(batch.images))
+    err = (d.points - torch.from_numpy(batch.landmarks)).norm(dim=-1)[torch.from_numpy(batch.visible)]
+    assert err.mean().item() < 1.5
+    # uint8 HWC input and another size give the same points (scaled)
+    u8 = faces.to_uint8(batch.images[:2])
+    d8 = det(u8)
+    assert (d8.points - d.points[:2]).abs().max() < 0.5
+    big = np.repeat(np.repeat(u8, 2, axis=1), 2, axis=2)
+    d2 = det(big)
+    assert (d2.points - (d8.points * 2 + 0.5)).abs().max() < 1.5
+
+
+@needs_detector
+def test_part_checks_fail_on_blank_and_blurry_faces():
+    from training import faces
+    from training.landmarks import gaussian_blur
+    from training.model_metrics import part_checks
+    det = LandmarkDetector.load()
+    imgs = torch.from_numpy(faces.render(faces.sample_z(12, 987_654_321)).images)
+    ok = part_checks(imgs, det)["all_parts"]
+    assert ok.mean() >= 0.75
+    blank = imgs.mean(dim=(2, 3), keepdim=True).expand_as(imgs).contiguous()
+    assert not part_checks(blank, det)["all_parts"].any()
+    blurry = gaussian_blur(imgs, torch.full((12,), 3.0))
+    assert part_checks(blurry, det)["all_parts"].mean() <= 0.25
+
+
+@pytest.mark.slow
+@needs_detector
+def test_protocol_on_embedded_model():
+    from draggan_core.checkpoints import load_generator
+    from draggan_core.models import default_model_path, drag_defaults_of
+    path = default_model_path()
+    if not path.is_file():
+        pytest.skip("embedded model not trained yet")
+    r = ev.evaluate(load_generator(path), LandmarkDetector.load(), ev.EvalConfig(pairs=3, points="5", steps=60),
+                    model_defaults=drag_defaults_of(path))
+    assert r["pairs"] == 3 and np.isfinite(r["md_after"]) and r["md_before"] > 0
+    assert all(rec["steps"] <= 60 for rec in r["per_pair"])

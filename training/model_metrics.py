@@ -1,0 +1,289 @@
+"""Model-card metrics of a face generator trained on the procedural renderer (the embedded model).
+
+    python -m training.model_metrics [--model M] [--n 500] [--json metrics.json] [--baseline OLD.safetensors]
+
+Held-out latents: z = faces.sample_z(n, seed) with seeds >= 10**6 (the generator trains on seeds
+0, 1, 2, ... = step indices): G samples and PSNR use HELD_OUT_SEED, the reference renders for KID
+use REFERENCE_SEED, so the two KID sets are independent.
+
+  psnr_db         mean PSNR of G(z) vs render(z) (images in [0, 1], no truncation)
+  parts           fraction of G samples in which each part passes `part_checks` (eyes with pupils,
+                  brows, nose, mouth) and `all_parts` (all four). A part passes only if the landmark
+                  detector finds its landmarks confidently (heatmap spread below SPREAD_MAX px,
+                  visibility > 0.5 where applicable) AND a local contrast check holds: pupils much
+                  darker than the sclera beside them, brows differ in colour from the cheek, nostrils
+                  darker than the cheek, lips redder than the cheek or a
+                  mouth line darker than it. The same check is reported for
+                  reference on clean renders (should be ~1), renders blurred with sigma 2.5 px, and an
+                  untrained generator (both should be ~0).
+  landmark_px_vs_render  mean distance (px) between landmarks detected on G(z) and the exact
+                  landmarks of render(z) (geometry fidelity of G, plus the detector's own error, which
+                  is given as landmark_px_detector_on_renders)
+  kid_lm          KID x1000 (landmark-detector features, draggan_core/landmark_net.py) between G
+                  samples and renders; kid_lm_blur15 the same for renders blurred by a Gaussian of
+                  sigma 1.5 px (a weaker "generator"); with --baseline also for that checkpoint.
+  drag            of `--drag-edits` random 1-point edits (handle on a detected landmark, target
+                  3-13 px away in a random direction, inside the image, seeds from DRAG_SEED_BASE),
+                  the fraction within 2 px of the target after <= 300 steps with the engine's
+                  defaults, measured with the session's tracked handle and with the re-detected
+                  landmark.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from draggan_core.evaluation import drag_edit, kid
+from draggan_core.landmark_net import LandmarkDetector
+from training import faces
+from training.landmarks import gaussian_blur
+
+HELD_OUT_SEED = 1_000_003      # same held-out seed as training/train_embedded.py's evaluation
+REFERENCE_SEED = 1_000_005
+DRAG_SEED_BASE = 50_000        # latent seeds for the drag-success edits (eval splits use < 20000)
+SPREAD_MAX = 4.0               # px: a confident landmark has a peaked heatmap (renders: 2.4-3.1)
+SUCCESS_PX = 2.0
+
+# contrast thresholds (0..1 intensity units), calibrated on renders vs blurred renders
+PUPIL_CONTRAST = 0.40          # sclera brightness - pupil brightness (renders: 5th percentile 0.65)
+BROW_DISTANCE = 0.10           # RGB distance brow vs cheek (renders: 5th percentile 0.13)
+NOSTRIL_RATIO = 0.75           # nostril luminance / cheek luminance must be below (renders: <= 0.65)
+LIP_REDNESS = 0.10             # (R - G) of lips minus (R - G) of cheek ...
+MOUTH_DARK_RATIO = 0.70        # ... or mouth-line luminance / cheek luminance below this
+PARTS = ("eyes", "brows", "nose", "mouth")
+PART_LANDMARKS = {
+    "eyes": ("eye_left_outer", "eye_left_inner", "eye_right_inner", "eye_right_outer", "pupil_left", "pupil_right"),
+    "brows": ("brow_left_outer", "brow_left_inner", "brow_right_inner", "brow_right_outer"),
+    "nose": ("nose_tip", "nostril_left", "nostril_right"),
+    "mouth": ("mouth_left", "mouth_right", "lip_upper", "lip_lower"),
+}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def to_unit(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW -> [0, 1] NHWC float64."""
+    return ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).double().numpy()
+
+
+def luminance(c: np.ndarray) -> np.ndarray:
+    return c @ np.array([0.299, 0.587, 0.114])
+
+
+def _patch(img: np.ndarray, x: float, y: float, r: int) -> np.ndarray:
+    h, w, _ = img.shape
+    xi, yi = int(round(float(np.clip(x, 0, w - 1)))), int(round(float(np.clip(y, 0, h - 1))))
+    return img[max(yi - r, 0):yi + r + 1, max(xi - r, 0):xi + r + 1].reshape(-1, 3)
+
+
+def part_scores(images: torch.Tensor, detector: LandmarkDetector) -> dict[str, np.ndarray]:
+    """Continuous per-image evidence for each part (see the module docstring). images [-1, 1] NCHW."""
+    det = detector(images)
+    names = detector.names
+    ix = {n: names.index(n) for n in names}
+    pts, spread, vis = det.points.numpy(), det.spread.numpy(), det.visible.numpy()
+    imgs = to_unit(images)
+    n = len(imgs)
+    keys = ("pupil_contrast", "pupil_visible", "brow_distance", "nostril_ratio", "lip_redness", "mouth_dark_ratio")
+    out = {k: np.zeros(n) for k in keys}
+    for p in PARTS:
+        out[f"{p}_spread"] = spread[:, [ix[m] for m in PART_LANDMARKS[p]]].max(axis=1)
+    for i in range(n):
+        img, P = imgs[i], pts[i]
+        L = lambda name: P[ix[name]]  # noqa: E731
+        cheeks = [(L("eye_left_outer") + L("mouth_left")) / 2, (L("eye_right_outer") + L("mouth_right")) / 2]
+        cheek = np.mean([_patch(img, *c, 1).mean(0) for c in cheeks], axis=0)
+        # eyes: each pupil much darker than the brightest sclera pixel between it and the eye corners
+        contrast = []
+        for s in ("left", "right"):
+            pupil = L(f"pupil_{s}")
+            sclera = max(luminance(_patch(img, *(0.4 * pupil + 0.6 * L(f"eye_{s}_{c}")), 1)).max()
+                         for c in ("outer", "inner"))
+            contrast.append(sclera - luminance(_patch(img, *pupil, 1)).min())
+        out["pupil_contrast"][i] = min(contrast)
+        out["pupil_visible"][i] = min(vis[i, ix["pupil_left"]], vis[i, ix["pupil_right"]])
+        # brows: colour clearly different from the cheek (darker or lighter)
+        out["brow_distance"][i] = min(
+            np.linalg.norm(_patch(img, *((L(f"brow_{s}_outer") + L(f"brow_{s}_inner")) / 2), 1) - cheek, axis=1).max()
+            for s in ("left", "right"))
+        # nose: both nostrils darker than the cheek
+        out["nostril_ratio"][i] = max(luminance(_patch(img, *L(f"nostril_{s}"), 1)).min()
+                                      for s in ("left", "right")) / max(luminance(cheek), 1e-3)
+        # mouth: lips redder (R - G) than the cheek
+        lips = [L("lip_upper"), L("lip_lower"), 0.7 * L("mouth_left") + 0.3 * L("mouth_right"),
+                0.3 * L("mouth_left") + 0.7 * L("mouth_right")]
+        red = max((_patch(img, *q, 0)[:, 0] - _patch(img, *q, 0)[:, 1]).max() for q in lips)
+        out["lip_redness"][i] = red - (cheek[0] - cheek[1])
+        # ... or the mouth line (seam / open mouth) darker than the cheek
+        line = [t * L("mouth_left") + (1 - t) * L("mouth_right") for t in (0.3, 0.5, 0.7)]
+        out["mouth_dark_ratio"][i] = min(luminance(_patch(img, *q, 1)).min() for q in line) / max(luminance(cheek), 1e-3)
+    return out
+
+
+def part_checks(images: torch.Tensor, detector: LandmarkDetector, scores: dict | None = None) -> dict[str, np.ndarray]:
+    """Per image and part, whether the part is there: confident landmarks AND its contrast check."""
+    s = scores if scores is not None else part_scores(images, detector)
+    conf = {p: s[f"{p}_spread"] < SPREAD_MAX for p in PARTS}
+    out = {
+        "eyes": conf["eyes"] & (s["pupil_visible"] > 0.5) & (s["pupil_contrast"] > PUPIL_CONTRAST),
+        "brows": conf["brows"] & (s["brow_distance"] > BROW_DISTANCE),
+        "nose": conf["nose"] & (s["nostril_ratio"] < NOSTRIL_RATIO),
+        "mouth": conf["mouth"] & ((s["lip_redness"] > LIP_REDNESS) | (s["mouth_dark_ratio"] < MOUTH_DARK_RATIO)),
+    }
+    out["all_parts"] = np.all([out[p] for p in PARTS], axis=0)
+    return out
+
+
+def visibility_summary(checks: dict[str, np.ndarray]) -> dict[str, float]:
+    return {k: float(v.mean()) for k, v in checks.items()}
+
+
+@torch.no_grad()
+def generate(G, z: np.ndarray, batch: int = 50) -> torch.Tensor:
+    zt = torch.from_numpy(np.asarray(z, np.float32))
+    return torch.cat([G(c) for c in zt.split(batch)]).clamp(-1, 1)
+
+
+def psnr(fake: torch.Tensor, real: torch.Tensor) -> float:
+    mse = ((fake.clamp(-1, 1) - real) / 2).square().mean(dim=[1, 2, 3])
+    return float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean())
+
+
+def features(detector: LandmarkDetector, images: torch.Tensor) -> np.ndarray:
+    return detector(images).features.numpy()
+
+
+# ------------------------------------------------------------------------------------------ drag success
+def drag_success(G, detector: LandmarkDetector, n: int, model_defaults: dict | None = None, steps: int = 300,
+                 seed: int = 0, psi: float = 0.7, progress=None) -> dict:
+    from draggan_core.latents import seed_to_w
+    from draggan_core.networks import to_uint8_image
+    res = G.img_resolution
+    rng = np.random.default_rng([seed, DRAG_SEED_BASE])
+    tracked, detected, seconds, steps_used, records = [], [], [], [], []
+    for i in range(n):
+        s = DRAG_SEED_BASE + int(rng.integers(0, 1_000_000))
+        w = seed_to_w(G, s, psi=psi)
+        with torch.no_grad():
+            img = to_uint8_image(G.synthesis(w, noise_mode="const"))
+        det = detector(img[None])
+        visible = np.flatnonzero(det.visible[0].numpy() > 0.5)
+        k = int(rng.choice(visible if len(visible) else np.arange(det.points.shape[1])))
+        handle = np.clip(np.rint(det.points[0, k].numpy()), 0, res - 1)
+        for _ in range(100):
+            dist = rng.uniform(0.05, 0.20) * res
+            ang = rng.uniform(0, 2 * math.pi)
+            target = np.rint(handle + dist * np.array([math.cos(ang), math.sin(ang)]))
+            if (target >= 0).all() and (target <= res - 1).all() and np.linalg.norm(target - handle) >= 3:
+                break
+        out = drag_edit(G, w, [handle], [target], steps, model_defaults)
+        d_tr = float(np.linalg.norm(out["handles"][0] - target))
+        d_det = float(np.linalg.norm(detector(out["image"][None]).points[0, k].numpy() - target))
+        tracked.append(d_tr)
+        detected.append(d_det)
+        seconds.append(out["seconds"])
+        steps_used.append(out["steps"])
+        records.append({"seed": s, "landmark": detector.names[k], "handle": handle.tolist(),
+                        "target": target.tolist(), "tracked_px": d_tr, "redetected_px": d_det,
+                        "steps": out["steps"], "seconds": out["seconds"]})
+        if progress:
+            progress(i, records[-1])
+    tracked, detected = np.array(tracked), np.array(detected)
+    return {"edits": n, "success_tracked": float((tracked <= SUCCESS_PX).mean()),
+            "success_redetected": float((detected <= SUCCESS_PX).mean()),
+            "final_px_tracked_mean": float(tracked.mean()), "final_px_redetected_mean": float(detected.mean()),
+            "steps_mean": float(np.mean(steps_used)), "seconds_per_edit": float(np.mean(seconds)),
+            "records": records}
+
+
+# ------------------------------------------------------------------------------------------ main
+def compute_metrics(G, detector: LandmarkDetector, n: int = 500, baseline_G=None, drag_edits: int = 50,
+                    model_defaults: dict | None = None, log=print) -> dict:
+    from draggan_core.networks import Generator
+    t0 = time.time()
+    z = faces.sample_z(n, HELD_OUT_SEED)
+    rendered = faces.render(z)
+    target = torch.from_numpy(rendered.images)
+    reference = torch.from_numpy(faces.render(faces.sample_z(n, REFERENCE_SEED)).images)
+    fake = generate(G, z)
+    ref_feat = features(detector, reference)
+    m: dict = {"n": n, "held_out_seed": HELD_OUT_SEED, "reference_seed": REFERENCE_SEED}
+    m["psnr_db"] = psnr(fake, target)
+    m["parts"] = visibility_summary(part_checks(fake, detector))
+    # geometry: landmarks detected on G(z) vs the exact landmarks of render(z) (G fidelity + detector transfer)
+    vis = torch.from_numpy(rendered.visible)
+    err = (detector(fake).points - torch.from_numpy(rendered.landmarks)).norm(dim=-1)
+    m["landmark_px_vs_render"] = float(err[vis].mean())
+    m["landmark_px_detector_on_renders"] = float(
+        (detector(target).points - torch.from_numpy(rendered.landmarks)).norm(dim=-1)[vis].mean())
+    log(f"PSNR {m['psnr_db']:.2f} dB; parts {m['parts']}; landmarks on G(z) vs render(z) "
+        f"{m['landmark_px_vs_render']:.2f} px (detector on renders {m['landmark_px_detector_on_renders']:.2f} px)")
+    # references for the visibility check: it must pass on renders and fail on blank/blurry faces
+    blurred = gaussian_blur(target, torch.full((n,), 2.5))
+    torch.manual_seed(0)
+    untrained = Generator(G.cfg).eval()
+    m["parts_reference"] = {"renders": visibility_summary(part_checks(target, detector)),
+                            "renders_blur2.5": visibility_summary(part_checks(blurred, detector)),
+                            "untrained_generator": visibility_summary(part_checks(generate(untrained, z), detector))}
+    log(f"parts reference {m['parts_reference']}")
+    m["kid_lm"], m["kid_lm_std"] = (1000 * v for v in kid(features(detector, fake), ref_feat))
+    blur15 = gaussian_blur(target, torch.full((n,), 1.5))
+    m["kid_lm_blur15"], _ = (1000 * v for v in kid(features(detector, blur15), ref_feat))
+    m["kid_lm_renders"], _ = (1000 * v for v in kid(features(detector, target), ref_feat))  # floor
+    if baseline_G is not None:
+        base = generate(baseline_G, z)
+        m["baseline_psnr_db"] = psnr(base, target)
+        m["kid_lm_baseline"], _ = (1000 * v for v in kid(features(detector, base), ref_feat))
+        m["baseline_parts"] = visibility_summary(part_checks(base, detector))
+    log(f"KID-lm x1e3: G {m['kid_lm']:.2f}, renders blurred 1.5 px {m['kid_lm_blur15']:.2f}, "
+        f"renders (floor) {m['kid_lm_renders']:.2f}" + (f", baseline {m['kid_lm_baseline']:.2f}" if baseline_G else ""))
+    if drag_edits > 0:
+        from tqdm import tqdm
+        bar = tqdm(total=drag_edits, desc="drag", unit="edit", file=sys.stderr, dynamic_ncols=True)
+        m["drag"] = drag_success(G, detector, drag_edits, model_defaults, progress=lambda i, r: bar.update(1))
+        bar.close()
+        d = m["drag"]
+        log(f"drag success (<= {SUCCESS_PX:g} px in <= 300 steps, {d['edits']} edits): tracked "
+            f"{100 * d['success_tracked']:.0f}%, re-detected {100 * d['success_redetected']:.0f}%; "
+            f"{d['seconds_per_edit']:.1f} s/edit")
+    m["seconds"] = time.time() - t0
+    return m
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="generator checkpoint (default: the embedded model)")
+    p.add_argument("--n", type=int, default=500, help="held-out samples")
+    p.add_argument("--baseline", default=None, metavar="PATH", help="earlier checkpoint to compare KID with")
+    p.add_argument("--drag-edits", type=int, default=50, help="random 1-point edits for drag success (0: skip)")
+    p.add_argument("--detector", default=None)
+    p.add_argument("--json", default=None, metavar="OUT.json", help="write the metrics here")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from draggan_core.checkpoints import load_generator
+    from draggan_core.models import default_model_path, drag_defaults_of
+    model = Path(args.model) if args.model else default_model_path()
+    G = load_generator(model)
+    detector = LandmarkDetector.load(args.detector)
+    base = load_generator(args.baseline) if args.baseline else None
+    m = compute_metrics(G, detector, args.n, base, args.drag_edits, drag_defaults_of(model),
+                        log=lambda s: print(s, flush=True))
+    m["model"] = str(model)
+    summary = {k: v for k, v in m.items() if k != "drag"}
+    if "drag" in m:
+        summary["drag"] = {k: v for k, v in m["drag"].items() if k != "records"}
+    print(json.dumps(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps(m, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoints import CheckpointError, load_generator, read_native_metadata
+from .checkpoints import NATIVE_FORMAT, CheckpointError, load_generator, read_native_metadata
 from .networks import Generator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +47,16 @@ def drag_defaults_of(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _may_be_generator(path: Path) -> bool:
+    """Our .safetensors files say what they hold (the landmark detector lives there too)."""
+    if path.suffix.lower() != ".safetensors":
+        return True
+    try:
+        return read_native_metadata(path).get("format") == NATIVE_FORMAT
+    except Exception:
+        return False
+
+
 class ModelStore:
     """Thread-safe cache path -> LoadedModel. Loading the same file twice returns the same object."""
 
@@ -71,7 +81,8 @@ def list_local_models(directory: str | Path = CHECKPOINTS_DIR) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES)
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES
+                   and _may_be_generator(p))
     files.sort(key=lambda p: p.name != DEFAULT_MODEL_NAME)
     return files
 

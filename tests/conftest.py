@@ -1,0 +1,77 @@
+"""Shared fixtures for the web UI tests: one app server subprocess per test session, and
+pytest-playwright settings for the Debian chromium (never `playwright install`)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / ".." / "shared" / "fixtures" / "official"
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/lib/chromium/chromium")
+UI_MAX_STEPS = 300  # DRAGGAN_MAX_STEPS for the test server
+
+
+def ui_model_path() -> Path:
+    """The embedded faces model when present (easy drags reach), else the random-weights fixture."""
+    default = REPO / "checkpoints" / "embedded-faces64.safetensors"
+    return default if default.is_file() else (FIXTURES / "stylegan2-tiny64-randinit.pkl").resolve()
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="session")
+def ui_server(tmp_path_factory):
+    """`python app.py` on a free 127.0.0.1 port; yields {"url", "port", "log", "model"}."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("webui") / "server.log"
+    model = ui_model_path()
+    env = {**os.environ, "PORT": str(port), "DRAGGAN_MAX_STEPS": str(UI_MAX_STEPS), "DRAGGAN_MODEL": str(model),
+           "DRAGGAN_TORCH_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    t0 = time.time()
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() - t0 > 90:
+                proc.kill()
+                raise RuntimeError(f"app did not start:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.25)
+    yield {"url": url, "port": port, "log": log, "model": model}
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+# ------------------------------------------------------------------ pytest-playwright overrides
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"chromium not found at {CHROMIUM} (apt-get install chromium)")
+    return {**browser_type_launch_args, "executable_path": CHROMIUM,
+            "args": ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]}
+
+
+@pytest.fixture(scope="session")
+def browser_context_args(browser_context_args):
+    return {**browser_context_args, "viewport": {"width": 1280, "height": 900}, "accept_downloads": True}

@@ -1,0 +1,221 @@
+"""The web UI driven through gradio_client against a real `python app.py` subprocess."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from draggan_core.recipe import Recipe  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def client(server) -> Client:
+    return Client(server["url"], verbose=False)
+
+
+def debug(c: Client) -> dict:
+    return c.predict(api_name="/debug_state")
+
+
+def run_to_end(c: Client, timeout=60.0):
+    job = c.submit(api_name="/run")
+    t0 = time.time()
+    while not job.done():
+        assert time.time() - t0 < timeout, "run did not finish"
+        time.sleep(0.1)
+    return job.outputs()
+
+
+def test_seed_pair_run_reaches(ui_server):
+    c = client(ui_server)
+    img, points, status, _editor, seed, _mask = c.predict(3, 0.7, api_name="/set_seed")
+    assert seed == 3 and "seed 3" in status
+    assert Image.open(img).size == (512, 512)  # 64 px model upscaled x8 server-side
+    _, points, status = c.predict(20, 40, api_name="/add_point")
+    assert "handle (20, 40) placed" in points
+    _, points, status = c.predict(23, 40, api_name="/add_point")
+    assert "1: handle (20, 40) -> target (23, 40)" in points
+    outputs = run_to_end(c)
+    assert outputs, "no streamed output"
+    final_status = outputs[-1][2]
+    info = debug(c)
+    pair = info["pairs"][0]
+    dist = float(np.hypot(pair["handle"][0] - 23, pair["handle"][1] - 40))
+    assert dist < 3.0, (final_status, pair)
+    if "embedded-faces64" in str(ui_server["model"]):
+        assert "done" in final_status and dist <= 1.0, final_status
+    assert info["step"] >= 1 and not info["running"]
+
+
+def test_undo_clear_and_outside_click(ui_server):
+    c = client(ui_server)
+    c.predict(1, 1, 10, 10, api_name="/add_pair")
+    c.predict(5, 5, api_name="/add_point")  # pending handle
+    assert debug(c)["pending"] == [5, 5]
+    c.predict(api_name="/undo")
+    info = debug(c)
+    assert info["pending"] is None and len(info["pairs"]) == 1
+    c.predict(api_name="/undo")
+    assert debug(c)["pairs"] == []
+    _, _, status = c.predict(64, 3, api_name="/add_point")
+    assert status.startswith("⚠") and "outside" in status
+    c.predict(2, 2, 3, 3, api_name="/add_pair")
+    c.predict(4, 4, 6, 6, api_name="/add_pair")
+    _, points, _ = c.predict(api_name="/clear_points")
+    assert "no points" in points and debug(c)["pairs"] == []
+
+
+def test_latent_upload_download_and_bad_files(ui_server, tmp_path):
+    donor, c = client(ui_server), client(ui_server)
+    donor.predict(11, 0.7, api_name="/set_seed")
+    latent_path = donor.predict(api_name="/download_latent")[0]
+    w = np.load(latent_path)
+    assert w.ndim == 3 and w.shape[0] == 1
+
+    c.predict(0, 0.7, api_name="/set_seed")
+    c.predict(7, 8, 9, 10, api_name="/add_pair")
+    before = debug(c)
+    out = c.predict(handle_file(latent_path), api_name="/upload_latent")
+    assert "latent loaded" in out[2]
+    after = debug(c)
+    assert after["image_mean"] != before["image_mean"] and after["latent_source"] != "seed"
+    assert after["pairs"] == before["pairs"]  # points survive a new latent
+
+    bad_shape = tmp_path / "wrong_shape.npy"
+    np.save(bad_shape, np.zeros((3, 7), np.float32))
+    garbage = tmp_path / "garbage.npy"
+    garbage.write_bytes(b"this is not a latent\x00\xff" * 50)
+    for path, words in ((bad_shape, "shape"), (garbage, "not a latent")):
+        out = c.predict(handle_file(str(path)), api_name="/upload_latent")
+        assert out[2].startswith("⚠") and words in out[2], out[2]
+        assert "/tmp/gradio" not in out[2]  # no server paths leaked
+        assert debug(c) == after  # state intact
+
+    huge = tmp_path / "huge.npy"
+    with open(huge, "wb") as f:
+        f.truncate(21 * 1024 * 1024)  # over the 20 MB upload limit
+    with pytest.raises(Exception):
+        c.predict(handle_file(str(huge)), api_name="/upload_latent")
+    assert debug(c) == after
+    _, _, status = c.predict(8, 8, api_name="/add_point")  # session still works
+    assert "handle at (8, 8)" in status
+
+
+def test_mask_via_api(ui_server, tmp_path):
+    c = client(ui_server)
+    layer = np.zeros((256, 256, 4), np.uint8)
+    layer[100:140, 60:200] = 255  # editor pixels; 4x -> model x 15-49, y 25-34
+    bg = np.full((256, 256, 4), 128, np.uint8)
+    Image.fromarray(layer).save(tmp_path / "layer.png")
+    Image.fromarray(bg).save(tmp_path / "bg.png")
+    value = {"background": handle_file(str(tmp_path / "bg.png")), "layers": [handle_file(str(tmp_path / "layer.png"))],
+             "composite": None}
+    _, info, status = c.predict(value, "flexible", True, api_name="/set_mask")
+    assert "bbox x 15-49, y 25-34" in info, info
+    d = debug(c)
+    assert d["mask_pixels"] == 35 * 10 and d["mask_bbox"] == [15, 25, 49, 34]
+    _, info, _ = c.predict(value, "fixed", True, api_name="/set_mask")
+    assert debug(c)["mask_pixels"] == 64 * 64 - 350
+    c.predict(api_name="/clear_mask")
+    assert debug(c)["mask_pixels"] == 0
+
+
+def test_stop_and_resume(ui_server):
+    c = client(ui_server)
+    c.predict(2, 0.7, api_name="/set_seed")
+    c.predict(10, 10, 54, 54, api_name="/add_pair")  # far: will not finish quickly
+    job = c.submit(api_name="/run")
+    t0 = time.time()
+    while debug(c)["step"] < 3:
+        assert time.time() - t0 < 30
+        time.sleep(0.05)
+    status = c.predict(api_name="/stop")[2]
+    job.cancel()
+    assert "stopped at step" in status
+    time.sleep(0.5)
+    stopped = debug(c)
+    assert not stopped["running"] and 3 <= stopped["step"] < 300
+    # points can be added after a stop, then Start resumes from the kept state
+    c.predict(30, 30, 31, 33, api_name="/add_pair")
+    job = c.submit(api_name="/run")
+    t0 = time.time()
+    while debug(c)["step"] <= stopped["step"] + 2:
+        assert time.time() - t0 < 30
+        time.sleep(0.05)
+    c.predict(api_name="/stop")
+    job.cancel()
+    time.sleep(0.3)
+    assert debug(c)["step"] > stopped["step"]
+    _, points, status = c.predict(api_name="/reset")[:3]
+    d = debug(c)
+    assert d["step"] == 0 and d["pairs"][0]["handle"] == [10, 10]
+
+
+def test_exports(ui_server):
+    c = client(ui_server)
+    c.predict(4, 0.7, api_name="/set_seed")
+    c.predict(20, 30, 22, 30, api_name="/add_pair")
+    run_to_end(c)
+    png = c.predict(api_name="/export_png")[0]
+    assert Image.open(png).size == (64, 64)
+    gif = Image.open(c.predict(api_name="/export_gif")[0])
+    assert gif.n_frames >= 2
+    npy = np.load(c.predict(api_name="/export_latent")[0])
+    assert npy.ndim == 3
+    files = c.predict(api_name="/export_recipe")
+    text = open(files[0]).read()
+    recipe = Recipe.from_dict(json.loads(text))
+    assert recipe.seed == 4 and recipe.drags == [(20.0, 30.0, 22.0, 30.0)]
+
+
+def test_two_clients_no_crosstalk(ui_server):
+    c1, c2 = client(ui_server), client(ui_server)
+    c1.predict(1, 0.7, api_name="/set_seed")
+    c2.predict(2, 0.7, api_name="/set_seed")
+    c1.predict(20, 20, 22, 20, api_name="/add_pair")
+    c2.predict(40, 40, 40, 43, api_name="/add_pair")
+    c2.predict(10, 50, 12, 50, api_name="/add_pair")
+    errors = []
+
+    def go(c):
+        try:
+            run_to_end(c)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=go, args=(c,)) for c in (c1, c2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not errors
+    d1, d2 = debug(c1), debug(c2)
+    assert [p["origin"] for p in d1["pairs"]] == [[20, 20]] and d1["seed"] == 1
+    assert [p["origin"] for p in d2["pairs"]] == [[40, 40], [10, 50]] and d2["seed"] == 2
+
+
+def test_model_switch_and_load_failure_keep_session(tmp_path):
+    """State layer (no server): a broken checkpoint gives a UIError and the previous model is kept."""
+    from conftest import FIXTURES, ui_model_path
+    from webui.state import EditorState, UIError
+
+    st = EditorState.create(ui_model_path(), seed=1)
+    st.click(10, 10)
+    st.click(12, 10)
+    garbage = tmp_path / "broken.pkl"
+    garbage.write_bytes(b"\x80\x04not really a pickle" * 20)
+    with pytest.raises(UIError, match="cannot load model broken.pkl"):
+        st.set_model(garbage)
+    assert st.model_path == str(ui_model_path()) and len(st.session.pairs) == 1
+    st.set_model((FIXTURES / "stylegan2-tiny64-randinit.pkl").resolve())
+    assert st.resolution == 64 and len(st.session.pairs) == 1  # same resolution: points kept
+    assert st.display().shape == (512, 512, 3)
+    st.cleanup()

@@ -1,0 +1,586 @@
+"""Gradio Blocks UI for the CPU DragGAN editor.
+
+The session logic lives in `webui.state` (no gradio there); this module lays out the page and turns
+`UIError`s into warning toasts. Every click handler has an API twin (``/add_point`` etc.) because
+``.select`` events cannot be sent by gradio_client.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from draggan_core.registry import DownloadError, download, list_models  # noqa: E402
+
+from .state import (STORE, EDITOR_SIZE, EditorState, UIError, editor_alpha, env_max_steps,  # noqa: E402
+                    frame_due, model_choices, resolve_model_path)
+
+MAX_UPLOAD = "20mb"
+STATE_TTL_S = 3 * 3600
+
+CSS = """
+#canvas img { cursor: crosshair; }
+#canvas { min-height: 540px; }
+#status textarea, #points textarea, #mask_info textarea { font-family: ui-monospace, monospace; font-size: 13px; }
+.hint { font-size: 14px; }
+"""
+
+INTRO = """### DragGAN on CPU
+**1.** Click a point on the image (**red** handle), **2.** click where it should go (**blue** target),
+**3.** press **Start**. Add more pairs for several points; paint a mask to say what may change."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def _log_unexpected(e: BaseException) -> str:
+    traceback.print_exc(file=sys.stderr)
+    text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    return f"internal error: {text}"
+
+
+def _warn(msg: str) -> str:
+    gr.Warning(msg)
+    return f"⚠ {msg}"
+
+
+class App:
+    """Builds handlers bound to the model chosen at start."""
+
+    def __init__(self, model_path: Path):
+        self.model_path = Path(model_path)
+
+    def ensure(self, st: EditorState | None) -> EditorState:
+        if st is None:
+            st = EditorState.create(self.model_path)
+        return st
+
+    def view(self, st: EditorState, status: str | None = None):
+        if status is not None:
+            st.last_status = status
+        return st.display(), st.points_text(), st.last_status, st
+
+    def guarded_view(self, fn):
+        """Wrap fn(st, *args) -> status; outputs [canvas, points, status, state]."""
+        @functools.wraps(fn)
+        def wrapper(st, *args):
+            try:
+                st = self.ensure(st)
+                status = fn(st, *args)
+                return self.view(st, status)
+            except UIError as e:
+                return gr.skip(), gr.skip(), _warn(str(e)), st
+            except Exception as e:  # never show a traceback to the user
+                return gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st
+        return wrapper
+
+    def editor_value(self, st: EditorState):
+        return {"background": st.editor_background(), "layers": [], "composite": None}
+
+
+def _registry_choices():
+    try:
+        return [(f"{e.name} ({e.resolution or '?'} px)", e.name) for e in list_models()]
+    except Exception:
+        return []
+
+
+# ---------------------------------------------------------------------------------------------
+# layout
+# ---------------------------------------------------------------------------------------------
+
+def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
+    model_path = resolve_model_path(model)
+    app = App(model_path)
+    step_bound = env_max_steps()
+    default_steps = min(300, step_bound) if step_bound else 300
+    max_steps_limit = step_bound or 2000
+
+    with gr.Blocks(title="DragGAN (CPU)") as demo:
+        state = gr.State(None, time_to_live=STATE_TTL_S,
+                         delete_callback=lambda st: st.cleanup() if isinstance(st, EditorState) else None)
+        with gr.Row(equal_height=False):
+            # ---------------------------------------------------------------- main column
+            with gr.Column(scale=3, min_width=560):
+                gr.Markdown(INTRO, elem_classes=["hint"])
+                canvas = gr.Image(label="Image (click: handle, then target)", type="numpy", format="png",
+                                  interactive=False, elem_id="canvas", height=540, buttons=[])
+                with gr.Row():
+                    start_btn = gr.Button("▶ Start", variant="primary", elem_id="start", min_width=90, size="md")
+                    stop_btn = gr.Button("■ Stop", variant="stop", elem_id="stop", min_width=90, size="md")
+                    undo_btn = gr.Button("Undo point", elem_id="undo", min_width=90, size="md")
+                    clear_btn = gr.Button("Clear points", elem_id="clear", min_width=90, size="md")
+                    reset_btn = gr.Button("Reset image", elem_id="reset", min_width=90, size="md")
+                status_box = gr.Textbox(label="Status", interactive=False, elem_id="status", max_lines=2)
+                points_box = gr.Textbox(label="Points (model pixels, x = column)", interactive=False,
+                                        elem_id="points", lines=2, max_lines=8)
+                # API twins of the click handler (hidden)
+                with gr.Row(visible=False):
+                    px = gr.Number(label="x", precision=0, elem_id="api_x")
+                    py = gr.Number(label="y", precision=0, elem_id="api_y")
+                    ptx = gr.Number(label="target x", precision=0)
+                    pty = gr.Number(label="target y", precision=0)
+                    add_point_btn = gr.Button("add point")
+                    add_pair_btn = gr.Button("add pair")
+                    debug_btn = gr.Button("debug")
+                    debug_box = gr.JSON(label="debug")
+
+            # ---------------------------------------------------------------- side panel
+            with gr.Column(scale=2, min_width=360):
+                with gr.Accordion("Latent", open=True):
+                    with gr.Row():
+                        seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed", scale=2,
+                                     info="press Enter for a new image")
+                        rand_btn = gr.Button("Random seed", elem_id="random_seed", scale=1)
+                    psi = gr.Slider(0.0, 1.2, value=0.7, step=0.05, label="Truncation psi",
+                                    info="lower = more average, cleaner images", elem_id="psi")
+                    w_mode = gr.Radio(["W+", "W"], value="W+", label="Optimise in",
+                                      info="W+: one vector per layer (more flexible); W: one shared vector")
+                    latent_file = gr.File(label="Upload latent (.npy / .pt)", file_types=[".npy", ".pt", ".pth"],
+                                          type="filepath", elem_id="latent_upload", height=120)
+                    latent_dl_btn = gr.Button("Download current latent (.npy)", elem_id="latent_download", size="sm")
+
+                with gr.Accordion("Mask (optional)", open=True):
+                    mask_mode = gr.Radio(["flexible", "fixed"], value="flexible", label="The brush paints the region that is",
+                                         info="flexible: only this may change; fixed: this must stay", elem_id="mask_mode")
+                    editor = gr.ImageEditor(
+                        label="Paint the mask", type="numpy", image_mode="RGBA", sources=(), transforms=(),
+                        layers=False, brush=gr.Brush(default_size=14, colors=["#ffffff"], color_mode="fixed"),
+                        eraser=gr.Eraser(default_size=14), canvas_size=(EDITOR_SIZE, EDITOR_SIZE), height=330,
+                        elem_id="editor", buttons=[], format="png")
+                    with gr.Row():
+                        apply_mask_btn = gr.Button("Apply mask", elem_id="apply_mask", size="sm")
+                        clear_mask_btn = gr.Button("Clear mask", elem_id="clear_mask", size="sm")
+                        refresh_mask_btn = gr.Button("Canvas ← current image", elem_id="refresh_mask", size="sm")
+                    show_mask = gr.Checkbox(value=True, label="Show mask on the image", elem_id="show_mask")
+                    mask_info = gr.Textbox(label="Mask received", interactive=False, elem_id="mask_info",
+                                           value="mask: none (the whole image may change)")
+
+                with gr.Accordion("Run settings", open=False):
+                    max_steps = gr.Slider(1, max_steps_limit, value=default_steps, step=1, label="Max steps",
+                                          elem_id="max_steps")
+                    with gr.Accordion("Advanced", open=False):
+                        gr.Markdown("Blank fields use the model's defaults.")
+                        with gr.Row():
+                            lr = gr.Textbox(label="learning rate", value="", placeholder="model default", elem_id="lr")
+                            lam = gr.Number(label="mask lambda", value=20, minimum=0, elem_id="lambda")
+                        with gr.Row():
+                            r1 = gr.Textbox(label="r1 (motion radius, px)", value="", placeholder="model default", elem_id="r1")
+                            r2 = gr.Textbox(label="r2 (tracking radius, px)", value="", placeholder="model default",
+                                            elem_id="r2")
+                        with gr.Row():
+                            stop_d = gr.Textbox(label="stop distance (px)", value="", placeholder="auto", elem_id="stop_distance")
+                            display_every = gr.Number(label="show a frame every k steps", value=1, minimum=1,
+                                                      precision=0, elem_id="display_every")
+                        tracking = gr.Radio(["default", "L1", "L2"], value="default", label="Tracking norm",
+                                            elem_id="tracking")
+
+                with gr.Accordion("Model", open=False):
+                    local_choices = model_choices()
+                    if str(model_path) not in [v for _, v in local_choices]:
+                        local_choices.append((model_path.name, str(model_path)))
+                    model_dd = gr.Dropdown(local_choices, value=str(model_path), label="Local checkpoint",
+                                           elem_id="model", allow_custom_value=False)
+                    with gr.Row():
+                        registry_dd = gr.Dropdown(_registry_choices(), value=None, label="Download a known model",
+                                                  elem_id="registry", scale=3)
+                        dl_model_btn = gr.Button("Download", elem_id="download_model", scale=1)
+                    model_info = gr.Markdown(f"Loaded: `{model_path.name}`")
+
+                with gr.Accordion("Export", open=False):
+                    with gr.Row():
+                        png_btn = gr.Button("PNG", elem_id="export_png", size="sm")
+                        npy_btn = gr.Button("Latent .npy", elem_id="export_latent", size="sm")
+                        gif_btn = gr.Button("GIF", elem_id="export_gif", size="sm")
+                        recipe_btn = gr.Button("Recipe .json", elem_id="export_recipe", size="sm")
+                    export_files = gr.File(label="Files", file_count="multiple", interactive=False,
+                                           elem_id="export_files")
+
+        VIEW = [canvas, points_box, status_box, state]
+
+        # ------------------------------------------------------------------ page load / latent
+        def on_load(st):
+            try:
+                st = app.ensure(st)
+                out = app.view(st, "click a handle, then its target, then Start")
+                return (*out, app.editor_value(st), st.seed, st.mask_info())
+            except Exception as e:
+                msg = _warn(e.args[0] if isinstance(e, UIError) else _log_unexpected(e))
+                return gr.skip(), gr.skip(), msg, st, gr.skip(), gr.skip(), gr.skip()
+
+        load_outputs = [*VIEW, editor, seed, mask_info]
+        demo.load(on_load, [state], load_outputs, api_name="new_session", show_progress="hidden")
+
+        def latent_changed(fn):
+            """Handlers that replace the image also reset the mask canvas."""
+            @functools.wraps(fn)
+            def wrapper(st, *args):
+                try:
+                    st = app.ensure(st)
+                    status = fn(st, *args)
+                    return (*app.view(st, status), app.editor_value(st), st.seed, st.mask_info())
+                except UIError as e:
+                    return gr.skip(), gr.skip(), _warn(str(e)), st, gr.skip(), gr.skip(), gr.skip()
+                except Exception as e:
+                    return gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st, gr.skip(), gr.skip(), gr.skip()
+            return wrapper
+
+        @latent_changed
+        def set_seed(st, seed_value, psi_value):
+            st.set_seed(seed_value, psi_value)
+            return f"new image from seed {st.seed} (psi {st.psi:g})"
+
+        @latent_changed
+        def random_seed(st, psi_value):
+            st.psi = float(psi_value)
+            st.random_seed()
+            return f"new image from seed {st.seed} (psi {st.psi:g})"
+
+        @latent_changed
+        def upload_latent(st, path):
+            if path is None:
+                return st.last_status
+            st.upload_latent(path, name=Path(str(path)).name)
+            return f"latent loaded from {st.latent_source}"
+
+        @latent_changed
+        def reset_image(st):
+            st.reset()
+            return "image reset to the start latent; points are back where you placed them"
+
+        @latent_changed
+        def change_model(st, path):
+            if not path or str(Path(path).resolve()) == str(Path(st.model_path).resolve()):
+                return st.last_status
+            st.set_model(path)
+            return st.last_status
+
+        seed_inputs = [state, seed, psi]
+        seed.submit(set_seed, seed_inputs, load_outputs, api_name="set_seed", show_progress="hidden")
+        psi.release(set_seed, seed_inputs, load_outputs, api_visibility="private", show_progress="hidden")
+        rand_btn.click(random_seed, [state, psi], load_outputs, api_name="random_seed", show_progress="hidden")
+        def upload_latent_and_clear(st, path):
+            return (*upload_latent(st, path), None)  # empty the drop zone again for the next upload
+
+        latent_file.upload(upload_latent_and_clear, [state, latent_file], [*load_outputs, latent_file],
+                           api_name="upload_latent")
+        reset_btn.click(reset_image, [state], load_outputs, api_name="reset", show_progress="hidden")
+
+        def model_selected(st, path):
+            out = change_model(st, path)
+            st2 = out[3]
+            current = st2.model_path if isinstance(st2, EditorState) else str(model_path)
+            info = f"Loaded: `{Path(current).name}`"
+            return (*out, gr.update(value=current), info)
+
+        model_dd.input(model_selected, [state, model_dd], [*load_outputs, model_dd, model_info],
+                       api_name="set_model")
+
+        def download_model(name, progress=gr.Progress(track_tqdm=True)):
+            if not name:
+                gr.Warning("choose a model to download first")
+                return gr.skip(), "choose a model first"
+            try:
+                path = download(name, dest_dir=Path(__file__).resolve().parents[1] / "checkpoints", progress=True)
+            except (DownloadError, ValueError) as e:
+                gr.Warning(str(e))
+                return gr.skip(), f"⚠ {e}"
+            except Exception as e:
+                return gr.skip(), _warn(_log_unexpected(e))
+            return gr.update(choices=model_choices()), f"Downloaded `{path.name}`: choose it above to load it"
+
+        dl_model_btn.click(download_model, [registry_dd], [model_dd, model_info], api_name="download_model")
+
+        def download_latent(st):
+            try:
+                st = app.ensure(st)
+                return [str(st.save_current_latent())], st
+            except Exception as e:
+                _warn(str(e) if isinstance(e, UIError) else _log_unexpected(e))
+                return gr.skip(), st
+
+        latent_dl_btn.click(download_latent, [state], [export_files, state], api_name="download_latent")
+
+        # ------------------------------------------------------------------ points
+        @app.guarded_view
+        def add_point(st, x, y):
+            if x is None or y is None:
+                raise UIError("give both x and y")
+            kind = st.click(x, y)
+            return f"{kind} at ({int(x)}, {int(y)})" + (": now click its target" if kind == "handle" else
+                                                        ": press Start to drag")
+
+        def on_click(st, evt: gr.SelectData):
+            try:
+                st = app.ensure(st)
+                if evt is None or evt.index is None:
+                    raise UIError("click inside the image")
+                ix, iy = evt.index[0], evt.index[1]
+                f = st.factor
+                return add_point(st, int(ix) // f, int(iy) // f)
+            except UIError as e:
+                return gr.skip(), gr.skip(), _warn(str(e)), st
+
+        canvas.select(on_click, [state], VIEW, api_visibility="private", show_progress="hidden",
+                      trigger_mode="multiple")
+        add_point_btn.click(add_point, [state, px, py], VIEW, api_name="add_point", show_progress="hidden")
+
+        @app.guarded_view
+        def add_pair(st, hx, hy, tx, ty):
+            if None in (hx, hy, tx, ty):
+                raise UIError("give hx, hy, tx, ty")
+            st.add_pair(hx, hy, tx, ty)
+            return f"pair added: ({int(hx)}, {int(hy)}) -> ({int(tx)}, {int(ty)})"
+
+        add_pair_btn.click(add_pair, [state, px, py, ptx, pty], VIEW, api_name="add_pair", show_progress="hidden")
+
+        @app.guarded_view
+        def undo(st):
+            st.undo()
+            return "last point removed"
+
+        @app.guarded_view
+        def clear_points(st):
+            st.clear_points()
+            return "points cleared"
+
+        undo_btn.click(undo, [state], VIEW, api_name="undo", show_progress="hidden")
+        clear_btn.click(clear_points, [state], VIEW, api_name="clear_points", show_progress="hidden")
+
+        # ------------------------------------------------------------------ mask
+        def set_mask(st, value, mode, show):
+            """Apply the painted editor layer as the mask (outputs: canvas, mask info, status, state)."""
+            if st is None and not (isinstance(value, dict) and value.get("layers")):
+                return gr.skip(), gr.skip(), gr.skip(), st  # editor initialised before the session exists
+            try:
+                st = app.ensure(st)
+                st.show_mask = bool(show)
+                st.set_mask_from_layer(editor_alpha(value), paint_fixed=(mode == "fixed"))
+                return st.display(), st.mask_info(), "mask updated", st
+            except UIError as e:
+                return gr.skip(), gr.skip(), _warn(str(e)), st
+            except Exception as e:
+                return gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st
+
+        mask_outputs = [canvas, mask_info, status_box, state]
+        apply_mask_btn.click(set_mask, [state, editor, mask_mode, show_mask], mask_outputs, api_name="set_mask",
+                             show_progress="hidden")
+        editor.change(set_mask, [state, editor, mask_mode, show_mask], mask_outputs, api_visibility="private",
+                      show_progress="hidden", trigger_mode="always_last")
+        mask_mode.change(set_mask, [state, editor, mask_mode, show_mask], mask_outputs, api_visibility="private",
+                         show_progress="hidden")
+
+        def clear_mask(st):
+            try:
+                st = app.ensure(st)
+                st.set_mask_from_layer(None)
+                return st.display(), st.mask_info(), "mask cleared", st, app.editor_value(st)
+            except UIError as e:
+                return gr.skip(), gr.skip(), _warn(str(e)), st, gr.skip()
+
+        clear_mask_btn.click(clear_mask, [state], [*mask_outputs, editor], api_name="clear_mask",
+                             show_progress="hidden")
+        refresh_mask_btn.click(clear_mask, [state], [*mask_outputs, editor], api_visibility="private",
+                               show_progress="hidden")
+
+        def toggle_mask(st, show):
+            if st is None:
+                return gr.skip(), st
+            st.show_mask = bool(show)
+            return st.display(), st
+
+        show_mask.change(toggle_mask, [state, show_mask], [canvas, state], api_visibility="private",
+                         show_progress="hidden")
+
+        # ------------------------------------------------------------------ run / stop
+        def run(st, n_steps, lr_v, r1_v, r2_v, lam_v, stop_v, tracking_v, w_mode_v, every_v):
+            try:
+                st = app.ensure(st)
+                t0 = time.perf_counter()
+                while st.running and time.perf_counter() - t0 < 3:  # a stopped run finishing its step
+                    time.sleep(0.05)
+                if st.running:
+                    raise UIError("a drag is already running")
+                if not st.session.pairs:
+                    raise UIError("add a handle and a target first: click the image twice")
+                steps = st.configure(max_steps=n_steps, lr=lr_v, r1=r1_v, r2=r2_v, lambda_mask=lam_v,
+                                     stop_distance=stop_v,
+                                     tracking=None if tracking_v in (None, "", "default") else tracking_v,
+                                     w_mode=w_mode_v)
+                every = max(1, int(every_v or 1))
+            except UIError as e:
+                yield gr.skip(), gr.skip(), _warn(str(e)), st
+                return
+            except Exception as e:
+                yield gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st
+                return
+            s = st.session
+            target_step = s.step_count + steps
+            st.running, st.stop_requested = True, False
+            st.pending = None
+            result, error = None, None
+            gen = s.run(max_steps=steps)
+            last_yield, last_frame_step = 0.0, s.step_count
+            try:
+                for result in gen:
+                    st.last_distances = result.distances
+                    if st.stop_requested:
+                        break
+                    if result.done:
+                        break
+                    if result.step - last_frame_step >= every and frame_due(last_yield):
+                        st.record_frame(result.image if result.image is not None else s.render())
+                        last_frame_step = result.step
+                        yield (st.display(), st.points_text(),
+                               st.status_text(result, target_step, "running"), st)
+                        last_yield = time.perf_counter()
+            except Exception as e:  # DragError etc.: keep the session usable
+                error = e
+            finally:
+                gen.close()
+                st.running = False
+            if error is not None:
+                msg = str(error) if isinstance(error, ValueError) else _log_unexpected(error)
+                yield gr.skip(), gr.skip(), _warn(msg), st
+                return
+            if result is None:
+                yield app.view(st, "nothing to do")
+                return
+            st.record_frame(result.image if result.image is not None else s.render())
+            if result.reached:
+                how = "done: every handle reached its target"
+            elif st.stop_requested:
+                how = "stopped: press Start to continue"
+            else:
+                how = "max steps reached: press Start to continue"
+            status = st.status_text(result, target_step, how)
+            st.last_status = status
+            yield st.display(), st.points_text(), status, st
+
+        run_inputs = [state, max_steps, lr, r1, r2, lam, stop_d, tracking, w_mode, display_every]
+        run_event = start_btn.click(run, run_inputs, VIEW, api_name="run", show_progress="hidden")
+
+        def stop(st):
+            """Cooperative flag + cancels=[run]; waits for the run to leave its step, then shows the
+            exact state it stopped in (outputs like every view handler)."""
+            if st is None:
+                return gr.skip(), gr.skip(), "nothing is running", st
+            was_running = st.running
+            st.stop_requested = True
+            t0 = time.perf_counter()
+            while st.running and time.perf_counter() - t0 < 3:
+                time.sleep(0.02)
+            if not was_running:
+                return gr.skip(), gr.skip(), st.last_status or "nothing is running", st
+            if st.running:  # still inside a long step: it will stop at the next one
+                return gr.skip(), gr.skip(), "stopping...", st
+            try:
+                st.record_frame(st.session.render())
+            except Exception as e:
+                return gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st
+            d = ", ".join(f"{math.dist(p.handle, p.target):.1f}" for p in st.session.pairs)
+            status = f"stopped at step {st.session.step_count} - distances: {d} px - press Start to resume"
+            return app.view(st, status)
+
+        stop_btn.click(stop, [state], VIEW, cancels=[run_event], api_name="stop", show_progress="hidden")
+
+        # ------------------------------------------------------------------ export
+        def export(kind):
+            def fn(st):
+                try:
+                    st = app.ensure(st)
+                    if kind == "png":
+                        files = [st.export_png()]
+                    elif kind == "latent":
+                        files = [st.save_current_latent()]
+                    elif kind == "gif":
+                        files = [st.export_gif()]
+                    else:
+                        if not st.session.pairs:
+                            raise UIError("a recipe needs at least one point pair")
+                        files = st.export_recipe()
+                    return [str(f) for f in files], st
+                except UIError as e:
+                    _warn(str(e))
+                    return gr.skip(), st
+                except Exception as e:
+                    _warn(_log_unexpected(e))
+                    return gr.skip(), st
+            fn.__name__ = f"export_{kind}"
+            return fn
+
+        png_btn.click(export("png"), [state], [export_files, state], api_name="export_png")
+        npy_btn.click(export("latent"), [state], [export_files, state], api_name="export_latent")
+        gif_btn.click(export("gif"), [state], [export_files, state], api_name="export_gif")
+        recipe_btn.click(export("recipe"), [state], [export_files, state], api_name="export_recipe")
+
+        def debug_state(st):
+            try:
+                st = app.ensure(st)
+                return st.debug_info(), st
+            except Exception as e:
+                return {"error": str(e)}, st
+
+        debug_btn.click(debug_state, [state], [debug_box, state], api_name="debug_state", show_progress="hidden")
+
+    demo.queue(default_concurrency_limit=2)
+    demo.draggan_model_path = model_path  # for launchers / tests
+    return demo
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="DragGAN web UI (runs on CPU)")
+    p.add_argument("--model", default=None, help="checkpoint path or name in checkpoints/ (default: embedded faces)")
+    p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"),
+                   help="address to listen on (0.0.0.0 to serve the network)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", os.environ.get("GRADIO_SERVER_PORT", 7860))))
+    p.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
+    return p.parse_args(argv)
+
+
+def set_torch_threads():
+    """Torch threads per process: DRAGGAN_TORCH_THREADS, else half the cores (two runs may share
+    the CPU; oversubscribed OpenMP threads made steps 40x slower on a busy 2-core machine)."""
+    import torch
+    value = os.environ.get("DRAGGAN_TORCH_THREADS", "").strip()
+    n = int(value) if value.isdigit() and int(value) > 0 else max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(n)
+    return n
+
+
+def launch(demo: gr.Blocks, host: str, port: int, share: bool = False):
+    set_torch_threads()
+    print(f"DragGAN web UI: model {Path(demo.draggan_model_path).name}; open http://{host}:{port}/", flush=True)
+    STORE.get(demo.draggan_model_path)  # load once before the first visitor
+    _, local_url, share_url = demo.launch(server_name=host, server_port=port, share=share,
+                                          max_file_size=MAX_UPLOAD, prevent_thread_lock=True, css=CSS,
+                                          footer_links=["api"], show_error=False, quiet=False)
+    if share and not share_url:
+        print("Could not create a public share link (offline or tunnel blocked); "
+              f"still serving locally at {local_url}", flush=True)
+    demo.block_thread()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        demo = build_demo(args.model)
+    except UIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    launch(demo, args.host, args.port, args.share)
+    return 0

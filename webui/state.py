@@ -1,0 +1,541 @@
+"""Per-browser-session editing state and the pure-Python logic behind the web UI (no gradio here).
+
+One `EditorState` per browser session (kept in a `gr.State`, created lazily by the handlers). It
+holds only small things: latents, point pairs, the mask, the trajectory frames, and the
+`DragSession` -- which refers to the shared Generator by reference. The Generator itself lives in
+the module-level `ModelStore` (`STORE`) and is never copied.
+
+Every user-facing failure raises `UIError` (a one-line message); the gradio layer turns it into a
+warning toast and leaves the state as it was.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from draggan_core.checkpoints import CheckpointError
+from draggan_core.drag import DragConfig, DragError, DragSession
+from draggan_core.latents import MAX_SEED, LatentError, load_latent, save_latent, seed_to_w
+from draggan_core.models import ModelStore, default_model_path, list_local_models
+from draggan_core.recipe import Recipe
+
+STORE = ModelStore()
+DISPLAY_TARGET = 512          # the main image is upscaled by an integer factor to about this size
+EDITOR_SIZE = 256             # mask canvas size (editor pixels)
+MAX_FRAMES = 300              # trajectory frames kept for the GIF
+MAX_POINT_PAIRS = 32
+FRAME_INTERVAL = 0.125        # at most ~8 streamed frames per second
+HANDLE_RGB = (230, 40, 40)
+TARGET_RGB = (40, 90, 235)
+MASK_RGB = np.array([60, 220, 120], dtype=np.float32)
+
+
+class UIError(Exception):
+    """A user-facing problem; the message is shown as a warning, the state is unchanged."""
+
+
+def env_max_steps() -> int | None:
+    """Upper bound on steps per run from DRAGGAN_MAX_STEPS (used by tests and hosted demos)."""
+    value = os.environ.get("DRAGGAN_MAX_STEPS", "").strip()
+    if not value:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        return None
+    return n if n > 0 else None
+
+
+def resolve_model_path(requested: str | os.PathLike | None = None) -> Path:
+    """--model argument / DRAGGAN_MODEL env / the embedded default / the first local checkpoint."""
+    requested = requested or os.environ.get("DRAGGAN_MODEL") or None
+    if requested:
+        p = Path(requested).expanduser()
+        if not p.is_file():
+            local = [m for m in list_local_models() if m.name == str(requested) or m.stem == str(requested)]
+            if not local:
+                raise UIError(f"model {requested}: no such checkpoint file")
+            p = local[0]
+        return p.resolve()
+    default = default_model_path()
+    if default.is_file():
+        return default.resolve()
+    local = list_local_models()
+    if local:
+        return local[0].resolve()
+    raise UIError(f"no checkpoint found: {default} does not exist and checkpoints/ is empty "
+                  "(pass --model PATH)")
+
+
+def load_model(path):
+    try:
+        return STORE.get(path)
+    except CheckpointError as e:
+        raise UIError(f"cannot load model {Path(path).name}: {e}") from None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UIError(f"cannot load model {Path(path).name}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+
+
+def upscale_factor(res: int) -> int:
+    return max(1, DISPLAY_TARGET // res)
+
+
+def _resize_nearest(img: np.ndarray, factor: int) -> np.ndarray:
+    return img if factor == 1 else np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
+
+
+@dataclass
+class EditorState:
+    model_path: str
+    seed: int = 0
+    psi: float = 0.7
+    latent_source: str = "seed"                # "seed" or the uploaded file's name
+    session: DragSession | None = None
+    pending: tuple[int, int] | None = None     # a handle clicked, waiting for its target
+    show_mask: bool = True
+    mask_painted: int = 0                       # painted pixels in the editor (for the readout)
+    image: np.ndarray | None = None             # current image at model resolution
+    frames: list = field(default_factory=list)  # trajectory (model resolution)
+    running: bool = False
+    stop_requested: bool = False
+    last_status: str = ""
+    last_distances: list = field(default_factory=list)
+    tmpdir: str | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, model_path, seed: int = 0, psi: float = 0.7) -> "EditorState":
+        st = cls(model_path=str(model_path))
+        st.set_seed(seed, psi)
+        return st
+
+    @property
+    def model(self):
+        return load_model(self.model_path)
+
+    @property
+    def G(self):
+        return self.session.G
+
+    @property
+    def resolution(self) -> int:
+        return self.session.resolution
+
+    @property
+    def factor(self) -> int:
+        return upscale_factor(self.resolution)
+
+    def workdir(self) -> Path:
+        if self.tmpdir is None or not Path(self.tmpdir).is_dir():
+            self.tmpdir = tempfile.mkdtemp(prefix="draggan-webui-")
+        return Path(self.tmpdir)
+
+    def cleanup(self):
+        if self.tmpdir:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None
+
+    def _check_idle(self):
+        if self.running:
+            raise UIError("a drag is running: press Stop first")
+
+    def _new_session(self, model, w):
+        """Replace the session by one starting at latent w; point pairs (as placed) are kept."""
+        old = self.session
+        config = old.config if old is not None else DragConfig()
+        try:
+            session = DragSession(model.G, w, config=config, model_defaults=model.drag_defaults)
+        except DragError as e:
+            raise UIError(str(e)) from None
+        if old is not None and old.resolution == session.resolution:
+            for p in old.pairs:
+                session.add_pair(p.origin, p.target)
+        else:
+            self.pending = None
+        self.session = session
+        self.mask_painted = 0
+        self.image = session.render()
+        self.frames = [self.image]
+        self.last_distances = []
+
+    # ------------------------------------------------------------------ latent
+    def set_seed(self, seed, psi: float | None = None):
+        self._check_idle()
+        try:
+            seed = int(seed)
+        except (TypeError, ValueError):
+            raise UIError(f"seed must be an integer, got {seed!r}") from None
+        if not 0 <= seed <= MAX_SEED:
+            raise UIError(f"seed must be between 0 and {MAX_SEED}")
+        psi = self.psi if psi is None else float(psi)
+        if not (math.isfinite(psi) and -2 <= psi <= 2):
+            raise UIError("truncation psi must be between -2 and 2")
+        model = self.model
+        try:
+            w = seed_to_w(model.G, seed, psi=psi)
+        except LatentError as e:
+            raise UIError(str(e)) from None
+        self._new_session(model, w)
+        self.seed, self.psi, self.latent_source = seed, psi, "seed"
+        self.last_status = f"seed {seed}, psi {psi:g}"
+
+    def random_seed(self) -> int:
+        seed = random.randint(0, 99_999)
+        self.set_seed(seed)
+        return seed
+
+    def upload_latent(self, path_or_bytes, name: str | None = None):
+        self._check_idle()
+        if path_or_bytes is None:
+            raise UIError("no file uploaded")
+        model = self.model
+        try:
+            w = load_latent(path_or_bytes, model.G)
+        except LatentError as e:
+            msg = str(e)
+            if isinstance(path_or_bytes, (str, os.PathLike)):  # hide server temp paths
+                msg = msg.replace(str(path_or_bytes), name or Path(path_or_bytes).name)
+            raise UIError(msg) from None
+        self._new_session(model, w)
+        self.latent_source = name or (Path(path_or_bytes).name if isinstance(path_or_bytes, (str, os.PathLike)) else "upload")
+        self.last_status = f"latent loaded from {self.latent_source}"
+
+    def save_current_latent(self) -> Path:
+        path = self.workdir() / "latent.npy"
+        save_latent(path, self.session.latent)
+        return path
+
+    def set_model(self, path):
+        """Switch model (shared, cached). Keeps points when the resolution is unchanged."""
+        self._check_idle()
+        model = load_model(path)  # raises UIError; the current model stays
+        old_path = self.model_path
+        self.model_path = str(model.path)
+        try:
+            w = seed_to_w(model.G, self.seed, psi=self.psi)
+            self._new_session(model, w)
+        except Exception:
+            self.model_path = old_path
+            raise
+        self.latent_source = "seed"
+        self.last_status = f"model {model.name} ({model.G.img_resolution} px)"
+
+    # ------------------------------------------------------------------ points
+    def click(self, x, y) -> str:
+        """A click on model pixel (x, y): first a handle, then its target. Returns what it was."""
+        self._check_idle()
+        try:
+            x, y = int(x), int(y)
+        except (TypeError, ValueError):
+            raise UIError(f"point must be two integers, got ({x!r}, {y!r})") from None
+        res = self.resolution
+        if not (0 <= x < res and 0 <= y < res):
+            raise UIError(f"point ({x}, {y}) is outside the {res}x{res} image")
+        if self.pending is None:
+            if len(self.session.pairs) >= MAX_POINT_PAIRS:
+                raise UIError(f"at most {MAX_POINT_PAIRS} point pairs")
+            self.pending = (x, y)
+            return "handle"
+        handle, self.pending = self.pending, None
+        try:
+            self.session.add_pair(handle, (x, y), max_pairs=MAX_POINT_PAIRS)
+        except DragError as e:
+            raise UIError(str(e)) from None
+        return "target"
+
+    def add_pair(self, hx, hy, tx, ty):
+        self._check_idle()
+        self.pending = None
+        try:
+            self.session.add_pair((hx, hy), (tx, ty), max_pairs=MAX_POINT_PAIRS)
+        except DragError as e:
+            raise UIError(str(e)) from None
+
+    def undo(self):
+        self._check_idle()
+        if self.pending is not None:
+            self.pending = None
+        else:
+            self.session.undo_pair()
+
+    def clear_points(self):
+        self._check_idle()
+        self.pending = None
+        self.session.clear_pairs()
+
+    def reset(self):
+        """Back to the initial latent; handles back to where they were placed."""
+        self._check_idle()
+        self.session.reset()
+        self.image = self.session.render()
+        self.frames = [self.image]
+        self.last_distances = []
+        self.last_status = "image reset"
+
+    # ------------------------------------------------------------------ mask
+    def set_mask_from_layer(self, alpha: np.ndarray | None, paint_fixed: bool = False):
+        """alpha: HxW painted-ness of the editor layer (any size). Painted = flexible region, or
+        the fixed region when paint_fixed. Nothing painted clears the mask."""
+        self._check_idle()
+        if alpha is None or not np.any(np.asarray(alpha) > 0):
+            self.session.set_mask(None)
+            self.mask_painted = 0
+            return
+        a = (np.asarray(alpha) > 0)
+        if a.ndim != 2:
+            raise UIError(f"mask must be a 2-D image, got shape {a.shape}")
+        self.mask_painted = int(a.sum())
+        res = self.resolution
+        small = Image.fromarray(a.astype(np.uint8) * 255).resize((res, res), Image.BOX)
+        m = np.asarray(small, dtype=np.float32) / 255.0 >= 0.3
+        flexible = ~m if paint_fixed else m
+        try:
+            self.session.set_mask(flexible.astype(np.float32))
+        except DragError as e:
+            raise UIError(str(e)) from None
+
+    def mask_array(self) -> np.ndarray | None:
+        m = self.session.mask
+        return None if m is None else (m.detach().cpu().numpy() > 0.5)
+
+    def mask_info(self) -> str:
+        m = self.mask_array()
+        if m is None:
+            return "mask: none (the whole image may change)"
+        ys, xs = np.nonzero(m)
+        if not len(xs):
+            return "mask: none"
+        return (f"mask: {int(m.sum())} of {m.size} px flexible, bbox x {xs.min()}-{xs.max()}, "
+                f"y {ys.min()}-{ys.max()}")
+
+    # ------------------------------------------------------------------ rendering
+    def editor_background(self) -> np.ndarray:
+        img = Image.fromarray(self.image).resize(
+            (EDITOR_SIZE, EDITOR_SIZE), Image.NEAREST if self.resolution <= EDITOR_SIZE else Image.BOX)
+        return np.asarray(img.convert("RGBA"))
+
+    def display(self, image: np.ndarray | None = None) -> np.ndarray:
+        """The image upscaled by the integer factor, with mask overlay, arrows and markers."""
+        img = self.image if image is None else image
+        f = self.factor
+        big = _resize_nearest(img, f)
+        m = self.mask_array() if self.show_mask else None
+        if m is not None:
+            mm = _resize_nearest(m[..., None], f)
+            tinted = big.astype(np.float32) * 0.6 + MASK_RGB * 0.4
+            big = np.where(mm, tinted, big.astype(np.float32) * 0.85).astype(np.uint8)
+        canvas = Image.fromarray(np.ascontiguousarray(big))
+        draw = ImageDraw.Draw(canvas)
+        c = lambda p: (p[0] * f + f / 2, p[1] * f + f / 2)  # noqa: E731  pixel centre in display px
+        r = max(3.0, f * 0.75)
+        width = max(2, round(f / 3))
+        for pair in self.session.pairs:
+            h, t = c(pair.handle), c(pair.target)
+            if pair.origin != pair.handle:  # where the handle started, and the path it took
+                o = c(pair.origin)
+                draw.line([o, h], fill=HANDLE_RGB, width=max(1, width // 2))
+                draw.ellipse([o[0] - r * 0.6, o[1] - r * 0.6, o[0] + r * 0.6, o[1] + r * 0.6],
+                             outline=HANDLE_RGB, width=2)
+            _arrow(draw, h, t, fill=(255, 255, 255), width=width, head=max(6.0, 2 * r))
+            _dot(draw, t, r * 1.3, TARGET_RGB)
+            _dot(draw, h, r, HANDLE_RGB)
+        if self.pending is not None:
+            _dot(draw, c(self.pending), r, HANDLE_RGB)
+        return np.asarray(canvas)
+
+    def points_text(self) -> str:
+        pairs = self.session.pairs
+        lines = []
+        for i, p in enumerate(pairs):
+            d = math.dist(p.handle, p.target)
+            moved = f", now at ({p.handle[0]}, {p.handle[1]})" if p.handle != p.origin else ""
+            lines.append(f"{i + 1}: handle ({p.origin[0]}, {p.origin[1]}) -> target ({p.target[0]}, {p.target[1]})"
+                         f"{moved}, distance {d:.1f}")
+        if self.pending is not None:
+            lines.append(f"handle ({self.pending[0]}, {self.pending[1]}) placed: click its target")
+        if not lines:
+            lines.append("no points: click a handle (red), then its target (blue)")
+        return "\n".join(lines)
+
+    def debug_info(self) -> dict:
+        m = self.mask_array()
+        return {
+            "model": Path(self.model_path).name, "resolution": self.resolution, "factor": self.factor,
+            "seed": self.seed, "psi": self.psi, "latent_source": self.latent_source,
+            "pairs": [{"handle": list(p.handle), "target": list(p.target), "origin": list(p.origin)}
+                      for p in self.session.pairs],
+            "pending": list(self.pending) if self.pending else None,
+            "step": self.session.step_count, "running": self.running,
+            "mask_pixels": int(m.sum()) if m is not None else 0,
+            "mask_bbox": _bbox(m), "image_mean": float(self.image.mean()), "frames": len(self.frames),
+        }
+
+    # ------------------------------------------------------------------ running
+    def configure(self, max_steps=None, lr=None, r1=None, r2=None, lambda_mask=None, stop_distance=None,
+                  tracking=None, w_mode=None) -> int:
+        """Apply run settings (None / blank = model default). Returns the number of steps to run."""
+        def num(v, name, lo, hi, integer=False):
+            if v is None or (isinstance(v, str) and not v.strip()):
+                return None
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise UIError(f"{name} must be a number") from None
+            if not (math.isfinite(v) and lo <= v <= hi):
+                raise UIError(f"{name} must be between {lo:g} and {hi:g}")
+            return int(round(v)) if integer else v
+
+        steps = num(max_steps, "max steps", 1, 100_000, integer=True) or 300
+        bound = env_max_steps()
+        if bound is not None:
+            steps = min(steps, bound)
+        cfg = self.session.config
+        lam = num(lambda_mask, "lambda", 0, 1e4)
+        tracking = (tracking or "").lower() or None
+        if tracking not in (None, "l1", "l2"):
+            raise UIError("tracking must be L1 or L2")
+        w_mode = (w_mode or cfg.w_mode or "w+").lower()
+        if w_mode not in ("w", "w+"):
+            raise UIError("latent space must be W or W+")
+        new = DragConfig(
+            lr=num(lr, "learning rate", 1e-6, 0.5), r1=num(r1, "r1", 0.5, 64), r2=num(r2, "r2", 1, 64, integer=True),
+            lambda_mask=cfg.lambda_mask if lam is None else lam,
+            feature_res=cfg.feature_res, num_optimized_ws=cfg.num_optimized_ws, w_mode=w_mode,
+            tracking=tracking, stop_distance=num(stop_distance, "stop distance", 0, 64), max_steps=steps,
+            noise_mode=cfg.noise_mode, display_every=0, compat=cfg.compat, windowed=cfg.windowed)
+        try:
+            new.resolve(self.G, max(1, len(self.session.pairs)), self.session.model_defaults)
+        except ValueError as e:
+            raise UIError(str(e)) from None
+        self.session.config = new
+        return steps
+
+    def record_frame(self, img: np.ndarray):
+        self.image = img
+        if len(self.frames) >= MAX_FRAMES:  # keep the first frame, thin the rest
+            self.frames = self.frames[:1] + self.frames[2::2]
+        self.frames.append(img)
+
+    def status_text(self, result, target_step: int, state: str) -> str:
+        d = ", ".join(f"{v:.1f}" for v in result.distances)
+        return f"step {result.step} / {target_step} - distances: {d} px - {state}"
+
+    # ------------------------------------------------------------------ export
+    def export_png(self) -> Path:
+        path = self.workdir() / "draggan.png"
+        Image.fromarray(self.image).save(path)
+        return path
+
+    def export_gif(self) -> Path:
+        frames = self.frames or [self.image]
+        scale = max(1, 256 // self.resolution)
+        imgs = [Image.fromarray(_resize_nearest(f, scale)) for f in frames]
+        path = self.workdir() / "trajectory.gif"
+        durations = [80] * len(imgs)
+        durations[-1] = 1000
+        imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=durations, loop=0)
+        return path
+
+    def export_recipe(self) -> list[Path]:
+        """recipe.json (+ the initial latent when it was uploaded, + mask.png when a mask is set)."""
+        d = self.workdir()
+        files = []
+        s = self.session
+        settings = {}
+        cfg = s.config
+        for name in ("lr", "r1", "r2", "tracking", "stop_distance", "w_mode"):
+            v = getattr(cfg, name)
+            if v is not None:
+                settings[name] = v
+        if s.mask is not None:
+            settings["lambda_mask"] = cfg.lambda_mask
+        latent = None
+        if self.latent_source != "seed":
+            latent = "initial_latent.npy"
+            save_latent(d / latent, s.w_initial)
+            files.append(d / latent)
+        mask = None
+        if s.mask is not None:
+            mask = "mask.png"
+            Image.fromarray((self.mask_array().astype(np.uint8) * 255)).save(d / mask)
+            files.append(d / mask)
+        recipe = Recipe(drags=[(*p.origin, *p.target) for p in s.pairs],
+                        seed=self.seed if latent is None else None, latent=latent, psi=self.psi,
+                        model=Path(self.model_path).name, mask=mask,
+                        steps=max(s.step_count, 1) if s.step_count else (cfg.max_steps or 300), settings=settings)
+        path = d / "recipe.json"
+        path.write_text(recipe.to_json())
+        return [path] + files
+
+
+def _bbox(m):
+    if m is None or not m.any():
+        return None
+    ys, xs = np.nonzero(m)
+    return [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
+
+
+def _dot(draw, c, r, fill):
+    draw.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], fill=fill, outline=(255, 255, 255), width=2)
+
+
+def _arrow(draw, a, b, fill, width, head):
+    dx, dy = b[0] - a[0], b[1] - a[1]
+    length = math.hypot(dx, dy)
+    if length < 1e-6:
+        return
+    ux, uy = dx / length, dy / length
+    draw.line([a, b], fill=(0, 0, 0), width=width + 2)
+    draw.line([a, b], fill=fill, width=width)
+    if length > head:
+        bx, by = b[0] - ux * head * 0.3, b[1] - uy * head * 0.3
+        left = (bx - ux * head - uy * head * 0.5, by - uy * head + ux * head * 0.5)
+        right = (bx - ux * head + uy * head * 0.5, by - uy * head - ux * head * 0.5)
+        draw.polygon([(bx, by), left, right], fill=fill, outline=(0, 0, 0))
+
+
+def editor_alpha(value) -> np.ndarray | None:
+    """The painted alpha of a gr.ImageEditor value (type='numpy'): layers' alpha, or None."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        layers = value.get("layers") or []
+        alpha = None
+        for layer in layers:
+            if layer is None:
+                continue
+            arr = np.asarray(layer)
+            if arr.ndim != 3 or arr.shape[2] != 4:
+                raise UIError(f"mask layer must be an RGBA image, got shape {arr.shape}")
+            a = arr[..., 3]
+            alpha = a if alpha is None else np.maximum(alpha, a)
+        return alpha
+    arr = np.asarray(value)  # a plain image: white/opaque = painted
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        return arr[..., 3]
+    if arr.ndim == 3:
+        return arr.max(axis=2)
+    if arr.ndim == 2:
+        return arr
+    raise UIError(f"mask image has an unexpected shape {arr.shape}")
+
+
+def model_choices() -> list[tuple[str, str]]:
+    return [(p.name, str(p.resolve())) for p in list_local_models()]
+
+
+def frame_due(last_yield: float, now: float | None = None) -> bool:
+    return ((time.perf_counter() if now is None else now) - last_yield) >= FRAME_INTERVAL
+
+
+__all__ = ["EditorState", "UIError", "STORE", "editor_alpha", "model_choices", "resolve_model_path",
+           "env_max_steps", "upscale_factor", "frame_due"]

@@ -49,6 +49,7 @@ class DragConfig:
     num_optimized_ws: int = 6
     w_mode: str = "w+"                 # "w+" (one vector per layer) or "w" (one shared vector)
     tracking: str | None = None        # "l1" (paper) or "l2" (official)
+    track_patch: int | None = None     # 0: match single-pixel features (paper); k: (2k+1)^2 patches
     stop_distance: float | None = None
     max_steps: int = 300
     noise_mode: str = "const"
@@ -79,8 +80,11 @@ class DragConfig:
             c.r2 = round(12 * res / 512) if official else md.get("r2", max(round(12 * res / 512), 4))
         if c.tracking is None:
             c.tracking = "l2" if official else md.get("tracking", "l1")
+        if c.track_patch is None:
+            c.track_patch = 0 if official else int(md.get("track_patch", 0))
         if c.stop_distance is None:
-            c.stop_distance = max(2 * res / 512, 2.0) if official else (1.0 if num_points <= 5 else 2.0)
+            paper_rule = 1.0 if num_points <= 5 else 2.0
+            c.stop_distance = max(2 * res / 512, 2.0) if official else md.get("stop_distance", paper_rule)
         if c.tracking not in ("l1", "l2"):
             raise ValueError("tracking must be 'l1' or 'l2'")
         if c.w_mode not in ("w", "w+"):
@@ -96,7 +100,7 @@ class PointPair:
     handle: tuple[float, float]     # current (tracked) handle position
     target: tuple[float, float]
     origin: tuple[float, float]     # where the user put the handle
-    reference: torch.Tensor | None = None  # feature of the handle when it was placed, [C]
+    reference: torch.Tensor | None = None  # features around the handle when it was placed, [K, C]
 
 
 @dataclass
@@ -393,8 +397,12 @@ class _Engine:
         d = torch.arange(-r2, r2 + 1, dtype=torch.float32, device=session.device)
         gy, gx = torch.meshgrid(d, d, indexing="ij")
         self.square = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)  # row-major (y, then x)
-        # tracking square, then the disc (plus one step) around any pixel of it
-        self.margin = int(cfg.r2) + math.ceil(cfg.r1) + 1
+        k = int(cfg.track_patch)
+        d = torch.arange(-k, k + 1, dtype=torch.float32, device=session.device)
+        py, px = torch.meshgrid(d, d, indexing="ij")
+        self.patch = torch.stack([px.reshape(-1), py.reshape(-1)], dim=1)  # [K, 2]; K = 1 for the paper
+        # tracking square (and its patches), then the disc (plus one step) around any pixel of it
+        self.margin = int(cfg.r2) + max(math.ceil(cfg.r1) + 1, k)
 
     def features(self, ws, centres, full: bool):
         wins, _, feat = windowed_features(self.G, self.cfg, ws, centres, self.margin, full)
@@ -412,7 +420,7 @@ class _Engine:
             with torch.no_grad():
                 wins, full_feat = self.features(ws.detach(), [p.handle for p in need_ref] or [(0, 0)], full=masked)
                 for p, fw in zip(need_ref, wins):
-                    p.reference = fw.sample(torch.tensor([p.handle], dtype=torch.float32, device=device))[0]
+                    p.reference = fw.sample(torch.tensor(p.handle, dtype=torch.float32, device=device) + self.patch)
                 if masked:
                     s._mask_reference = full_feat.detach()
         wins, full_feat = self.features(ws, [p.handle for p in pairs], full=masked)
@@ -424,8 +432,9 @@ class _Engine:
                 cand = centre + self.square
                 inside = ((cand >= 0) & (cand <= self.res - 1)).all(dim=1)
                 cand = cand[inside]
-                diff = fw.sample(cand) - p.reference
-                dist = diff.abs().sum(dim=1) if cfg.tracking == "l1" else diff.square().sum(dim=1)
+                feats = fw.sample((cand[:, None] + self.patch[None]).reshape(-1, 2)).reshape(len(cand), len(self.patch), -1)
+                diff = feats - p.reference[None]
+                dist = diff.abs().sum(dim=(1, 2)) if cfg.tracking == "l1" else diff.square().sum(dim=(1, 2))
                 best = cand[int(torch.argmin(dist))]
                 p.handle = (int(best[0]), int(best[1]))
 

@@ -97,6 +97,14 @@ def save_grid(path, real, fake, n=16, scale=3):
     Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)
 
 
+def learning_rate(step: int, args) -> float:
+    """Constant, then (optionally) linear decay to 10 % between --decay-start and --decay-end."""
+    if args.decay_start is None or args.decay_end is None or step < args.decay_start:
+        return args.lr
+    t = min((step - args.decay_start) / max(args.decay_end - args.decay_start, 1), 1.0)
+    return args.lr * (1 - 0.9 * t)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/embedded")
@@ -104,6 +112,8 @@ def main(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests, smoke runs)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--decay-start", type=int, default=None, help="step where the lr starts decaying linearly")
+    p.add_argument("--decay-end", type=int, default=None, help="step where the lr reaches 10%% of --lr")
     p.add_argument("--part-gain", type=float, default=8.0, help="extra L1 weight on eyes/brows/nose/mouth")
     p.add_argument("--ema-kimg", type=float, default=2.0, help="G_ema half-life in thousands of images")
     p.add_argument("--eval-every", type=int, default=500)
@@ -160,6 +170,8 @@ def main(argv=None):
     psnr = float("nan")
     while seconds < budget and not stopping and (args.max_steps is None or step < args.max_steps):
         t0 = time.time()
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, args)
         z = faces.sample_z(args.batch, seed=step)
         real, part_weight = render_batch(z)
         fake = G(torch.from_numpy(z), fused=False)

@@ -545,7 +545,7 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DragGAN web UI (runs on CPU)")
     p.add_argument("--model", default=None, help="checkpoint path or name in checkpoints/ (default: embedded faces)")
-    p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"),
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", os.environ.get("HOST", "127.0.0.1")),
                    help="address to listen on (0.0.0.0 to serve the network)")
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", os.environ.get("GRADIO_SERVER_PORT", 7860))))
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")

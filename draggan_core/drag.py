@@ -46,8 +46,8 @@ class DragConfig:
     r2: int | None = None              # point-tracking half window, image pixels
     lambda_mask: float = 20.0
     feature_res: int | None = None     # feature block by resolution; default 6th block or the last
-    num_optimized_ws: int = 6
-    w_mode: str = "w+"                 # "w+" (one vector per layer) or "w" (one shared vector)
+    num_optimized_ws: int | None = None  # style vectors optimised (paper: the first 6)
+    w_mode: str | None = None          # "w+" (one vector per layer) or "w" (one shared vector)
     tracking: str | None = None        # "l1" (paper) or "l2" (official)
     track_patch: int | None = None     # 0: match single-pixel features (paper); k: (2k+1)^2 patches
     stop_distance: float | None = None
@@ -78,6 +78,10 @@ class DragConfig:
             c.r1 = round(3 * res / 512) if official else md.get("r1", max(3 * res / 512, 2.0))
         if c.r2 is None:
             c.r2 = round(12 * res / 512) if official else md.get("r2", max(round(12 * res / 512), 4))
+        if c.w_mode is None:
+            c.w_mode = "w+" if official else md.get("w_mode", "w+")
+        if c.num_optimized_ws is None:
+            c.num_optimized_ws = 6 if official else int(md.get("num_optimized_ws", 6))
         if c.tracking is None:
             c.tracking = "l2" if official else md.get("tracking", "l1")
         if c.track_patch is None:

@@ -25,9 +25,11 @@ from training.model_metrics import drag_success
 VALIDATION_SEED = 1  # the model card's drag success uses seed 0
 
 GRID = {
-    "feature_res": [32, 16, 64],
-    "track_patch": [1, 0, 2],
-    "r2": [3, 2, 5],
+    "w_mode": ["w", "w+"],
+    "num_optimized_ws": [10, 6],
+    "feature_res": [16, 32, 64],
+    "track_patch": [1, 0],
+    "r2": [3, 5],
     "stop_distance": [0.5, 1.0],
     "r1": [2.0, 3.0],
     "lr": [2e-3, 4e-3],

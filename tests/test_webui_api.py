@@ -219,3 +219,27 @@ def test_model_switch_and_load_failure_keep_session(tmp_path):
     assert st.resolution == 64 and len(st.session.pairs) == 1  # same resolution: points kept
     assert st.display().shape == (512, 512, 3)
     st.cleanup()
+
+
+def test_upload_image_projects_it_and_rejects_garbage(ui_server, tmp_path):
+    """'Edit your own image': the upload is inverted, then the edit starts from the found latent."""
+    from training import faces
+    c = client(ui_server)
+    before = debug(c)
+    face = faces.to_uint8(faces.render(faces.sample_z(1, seed=4242)).images)[0]
+    path = tmp_path / "face.png"
+    Image.fromarray(face).resize((200, 200)).save(path)  # any size: cropped/resized to the model
+    job = c.submit(handle_file(str(path)), api_name="/upload_image")
+    t0 = time.time()
+    while not job.done():
+        assert time.time() - t0 < 120, "inversion did not finish"
+        time.sleep(0.2)
+    status = job.outputs()[-1][2]
+    assert "projected into the model" in status and "PSNR" in status
+    after = debug(c)
+    assert after["latent_source"].startswith("image face.png") and after != before
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not an image at all")
+    outputs = c.predict(handle_file(str(garbage)), api_name="/upload_image")
+    assert outputs[2].startswith("⚠")
+    assert debug(c)["latent_source"] == after["latent_source"]  # state intact

@@ -18,6 +18,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
+import PIL.Image  # noqa: E402
 
 from draggan_core.registry import DownloadError, download, list_models  # noqa: E402
 
@@ -25,6 +26,10 @@ from .state import (STORE, EDITOR_SIZE, EditorState, UIError, editor_alpha, env_
                     frame_due, model_choices, resolve_model_path)
 
 MAX_UPLOAD = "20mb"
+# Mask layers are decoded by gradio (PIL) before any handler runs; a tiny PNG can declare 9000x9000
+# pixels (measured: 79 KB upload -> 1.4 GB peak RSS, 17 s CPU). PIL refuses images above twice this
+# limit (DecompressionBombError), so nothing larger than 2048x2048 is decoded. The editor sends 256x256.
+MAX_IMAGE_PIXELS = 2048 * 2048 // 2
 STATE_TTL_S = 3 * 3600
 
 CSS = """
@@ -144,11 +149,13 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
                         rand_btn = gr.Button("Random seed", elem_id="random_seed", scale=1)
                     psi = gr.Slider(0.0, 1.2, value=0.7, step=0.05, label="Truncation psi",
                                     info="lower = more average, cleaner images", elem_id="psi")
-                    w_mode = gr.Radio(["W+", "W"], value="W+", label="Optimise in",
+                    w_mode = gr.Radio(["model default", "W+", "W"], value="model default", label="Optimise in",
                                       info="W+: one vector per layer (more flexible); W: one shared vector")
                     latent_file = gr.File(label="Upload latent (.npy / .pt)", file_types=[".npy", ".pt", ".pth"],
                                           type="filepath", elem_id="latent_upload", height=120)
                     latent_dl_btn = gr.Button("Download current latent (.npy)", elem_id="latent_download", size="sm")
+                    image_file = gr.File(label="Edit your own image (GAN inversion, ~20 s)", type="filepath",
+                                         file_types=["image"], elem_id="image_upload", height=120)
 
                 with gr.Accordion("Mask (optional)", open=True):
                     mask_mode = gr.Radio(["flexible", "fixed"], value="flexible", label="The brush paints the region that is",
@@ -274,6 +281,25 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
 
         latent_file.upload(upload_latent_and_clear, [state, latent_file], [*load_outputs, latent_file],
                            api_name="upload_latent")
+
+        def upload_image(st, path):
+            """Stream the inversion's progress, then show the projected image ready to drag."""
+            try:
+                st = app.ensure(st)
+                if path is None:
+                    yield gr.skip(), gr.skip(), st.last_status, st, gr.skip(), gr.skip(), gr.skip(), None
+                    return
+                for status, preview in st.invert_image(path, name=Path(str(path)).name):
+                    shown = st.display(preview) if preview is not None else gr.skip()
+                    yield shown, gr.skip(), status, st, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                yield (*app.view(st, st.last_status), app.editor_value(st), st.seed, st.mask_info(), None)
+            except UIError as e:
+                yield gr.skip(), gr.skip(), _warn(str(e)), st, gr.skip(), gr.skip(), gr.skip(), None
+            except Exception as e:
+                yield gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st, gr.skip(), gr.skip(), gr.skip(), None
+
+        image_file.upload(upload_image, [state, image_file], [*load_outputs, image_file], api_name="upload_image",
+                          show_progress="hidden")
         reset_btn.click(reset_image, [state], load_outputs, api_name="reset", show_progress="hidden")
 
         def model_selected(st, path):
@@ -457,7 +483,9 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
                 yield app.view(st, "nothing to do")
                 return
             st.record_frame(result.image if result.image is not None else s.render())
-            if result.reached:
+            if result.message:  # e.g. divergence: the session rolled back to the last good latent
+                how = _warn(result.message)
+            elif result.reached:
                 how = "done: every handle reached its target"
             elif st.stop_requested:
                 how = "stopped: press Start to continue"
@@ -533,6 +561,7 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
 
         debug_btn.click(debug_state, [state], [debug_box, state], api_name="debug_state", show_progress="hidden")
 
+    PIL.Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     demo.queue(default_concurrency_limit=2)
     demo.draggan_model_path = model_path  # for launchers / tests
     return demo

@@ -209,6 +209,42 @@ class EditorState:
         self.latent_source = name or (Path(path_or_bytes).name if isinstance(path_or_bytes, (str, os.PathLike)) else "upload")
         self.last_status = f"latent loaded from {self.latent_source}"
 
+    def invert_image(self, path, name: str | None = None, steps: int = 150):
+        """Project an uploaded image into the latent space (GAN inversion), streaming progress.
+
+        Yields (status, preview HxWx3 uint8 or None); at the end the edit starts from the found latent.
+        Uses the shared generator unchanged (no per-session tuning); Stop cancels between steps.
+        """
+        from draggan_core.inversion import InversionError, invert_iter
+        self._check_idle()
+        if path is None:
+            raise UIError("no image uploaded")
+        name = name or Path(str(path)).name
+        model = self.model
+        try:
+            events = invert_iter(model.G, path, steps=steps)
+        except InversionError as e:
+            raise UIError(str(e).replace(str(path), name)) from None
+        self.running, self.stop_requested = True, False
+        result = None
+        try:
+            for ev in events:
+                if self.stop_requested:
+                    break
+                if ev.done:
+                    result = ev.result
+                yield f"fitting {name}: step {ev.step} / {ev.total}, PSNR {ev.psnr:.1f} dB", ev.image
+        finally:
+            self.running = False
+            events.close()
+        if result is None:
+            raise UIError("image upload cancelled")
+        self._new_session(model, result.w_plus)
+        self.latent_source = f"image {name}"
+        self.last_status = (f"{name} projected into the model (PSNR {result.psnr:.1f} dB): "
+                            "click a handle, then its target")
+        yield self.last_status, None
+
     def save_current_latent(self) -> Path:
         path = self.workdir() / "latent.npy"
         save_latent(path, self.session.latent)
@@ -235,11 +271,11 @@ class EditorState:
         self._check_idle()
         try:
             x, y = int(x), int(y)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise UIError(f"point must be two integers, got ({x!r}, {y!r})") from None
         res = self.resolution
         if not (0 <= x < res and 0 <= y < res):
-            raise UIError(f"point ({x}, {y}) is outside the {res}x{res} image")
+            raise UIError(f"point ({x:.6g}, {y:.6g}) is outside the {res}x{res} image")
         if self.pending is None:
             if len(self.session.pairs) >= MAX_POINT_PAIRS:
                 raise UIError(f"at most {MAX_POINT_PAIRS} point pairs")
@@ -403,8 +439,9 @@ class EditorState:
         tracking = (tracking or "").lower() or None
         if tracking not in (None, "l1", "l2"):
             raise UIError("tracking must be L1 or L2")
-        w_mode = (w_mode or cfg.w_mode or "w+").lower()
-        if w_mode not in ("w", "w+"):
+        w_mode = (w_mode or "").lower()
+        w_mode = None if w_mode in ("", "model default") else w_mode  # None: the model's recommendation
+        if w_mode not in (None, "w", "w+"):
             raise UIError("latent space must be W or W+")
         new = DragConfig(
             lr=num(lr, "learning rate", 1e-6, 0.5), r1=num(r1, "r1", 0.5, 64), r2=num(r2, "r2", 1, 64, integer=True),

@@ -58,6 +58,16 @@ def export_model(G_ema: Generator, path, step: int, seconds: float, dtype=torch.
     save_native(G_ema, path, dtype=dtype, extra_metadata=meta)
 
 
+def compact_state(state: dict) -> dict:
+    """A smaller copy of a training state for the repository: weights in fp16, Adam moments in bf16
+    (bf16 keeps fp32's range, so tiny second moments do not underflow to zero)."""
+    def cast(sd, dtype):
+        return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in sd.items()}
+    opt = dict(state["opt"])
+    opt["state"] = {k: cast(v, torch.bfloat16) for k, v in opt["state"].items()}
+    return {**state, "G": cast(state["G"], torch.float16), "G_ema": cast(state["G_ema"], torch.float16), "opt": opt}
+
+
 def render_batch(z: np.ndarray):
     batch = faces.render(z)
     images = torch.from_numpy(batch.images)
@@ -119,6 +129,9 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--save-every-min", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--resume-state", default=None, metavar="PATH",
+                   help="state to continue from when OUT/last.pt does not exist yet, e.g. the committed "
+                        "training/state/embedded-last.pt")
     p.add_argument("--export", default=None, help="also write G_ema as native safetensors (fp16) here")
     args = p.parse_args(argv)
 
@@ -133,13 +146,14 @@ def main(argv=None):
     opt = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.9, 0.99))
     step, seconds = 0, 0.0
     ckpt_path = out / "last.pt"
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=True)
+    source = ckpt_path if ckpt_path.exists() else Path(args.resume_state) if args.resume_state else None
+    if source is not None and source.exists():
+        state = torch.load(source, weights_only=True)
         G.load_state_dict(state["G"])
         G_ema.load_state_dict(state["G_ema"])
         opt.load_state_dict(state["opt"])
         step, seconds = int(state["step"]), float(state["seconds"])
-        print(f"resumed from {ckpt_path}: step {step}, {seconds / 60:.1f} min trained", file=sys.stderr)
+        print(f"resumed from {source}: step {step}, {seconds / 60:.1f} min trained", file=sys.stderr)
 
     z_eval = torch.from_numpy(faces.sample_z(64, HELD_OUT_SEED))
     real_eval, _ = render_batch(z_eval.numpy())

@@ -176,6 +176,8 @@ class DragSession:
         self.step_count = 0
 
     def check_point(self, point, name="point") -> tuple[float, float]:
+        if isinstance(point, (str, bytes)):  # "12" would otherwise iterate to (1, 2)
+            raise DragError(f"{name} must be two numbers (x, y), got {point!r}")
         try:
             x, y = (float(v) for v in point)
         except (TypeError, ValueError):
@@ -213,7 +215,10 @@ class DragSession:
         if mask is None:
             self.mask = None
             return
-        m = torch.as_tensor(np.asarray(mask, dtype=np.float32))
+        try:
+            m = torch.as_tensor(np.asarray(mask, dtype=np.float32))
+        except (TypeError, ValueError):
+            raise DragError(f"mask must be a numeric 2-D array, got {type(mask).__name__}") from None
         if m.ndim != 2 or min(m.shape) < 1 or not torch.isfinite(m).all():
             raise DragError(f"mask must be a finite 2-D array, got shape {tuple(m.shape)}")
         m = m.clamp(0, 1)

@@ -275,3 +275,66 @@ HOSTILE_PICKLES = {
     "load_from_bytes_legacy": pickle_load_from_bytes_legacy,
     "load_from_bytes_zip": pickle_load_from_bytes_zip,
 }
+
+
+# --------------------------------------------------------------------------------------------------
+# images and masks (PNG written chunk by chunk: the declared size can be anything)
+# --------------------------------------------------------------------------------------------------
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import zlib
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_bomb(width: int = 9000, height: int = 9000) -> bytes:
+    """A valid all-black 8-bit grayscale PNG of width x height that compresses ~1000:1.
+
+    9000x9000 is ~79 KB on disk, 81 M pixels decoded (324 MB as RGBA): below PIL's own bomb limit
+    (2 x 89 M pixels), so only an application limit stops it."""
+    import zlib
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)  # filter byte + pixels
+    data = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
+def png_lying_header(width: int = 1 << 30, height: int = 1 << 30) -> bytes:
+    """A PNG whose IHDR declares an absurd size and holds almost no data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"x\x9c\x03\x00\x00\x00\x00\x01") \
+        + _png_chunk(b"IEND", b"")
+
+
+def image_bytes(mode: str = "RGBA", size=(256, 256), fmt: str = "PNG", box=(100, 60, 140, 200)) -> bytes:
+    """An image of the given PIL mode with the box (x0, y0, x1, y1) painted 'on' (white / opaque)."""
+    from PIL import Image
+    if mode == "P":  # a palette image whose palette maps the box to white
+        return _save(Image.open(io.BytesIO(image_bytes("L", size, "PNG", box))).convert("P"), fmt)
+    im = Image.new(mode, size)
+    on = {"1": 1, "L": 255, "P": 255, "I": 65535, "I;16": 65535, "F": 1.0, "LA": (255, 255),
+          "RGB": (255, 255, 255), "RGBA": (255, 255, 255, 255), "CMYK": (0, 0, 0, 0)}[mode]
+    if mode == "CMYK":
+        im.paste((0, 0, 0, 255), (0, 0) + size)  # CMYK "black" everywhere, white in the box
+    im.paste(on, box)
+    return _save(im, fmt)
+
+
+def _save(im, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def truncated_png() -> bytes:
+    return truncated(image_bytes("RGBA"))
+
+
+MASK_IMAGE_MODES = ("1", "L", "P", "LA", "RGB", "RGBA", "I;16")
+
+
+def malformed_points() -> list:
+    """Handle/target values a caller might pass: none of them may reach the optimiser."""
+    nan, inf = float("nan"), float("inf")
+    return [(nan, 3), (3, nan), (inf, 3), (3, -inf), (-1, 5), (5, -1), (64, 3), (3, 64), (1e308, 1e308),
+            (-1e308, 0), ("a", 3), (None, 3), (3,), (1, 2, 3), "12", None, (), ([1], 2)]

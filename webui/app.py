@@ -483,9 +483,12 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
                 yield app.view(st, "nothing to do")
                 return
             st.record_frame(result.image if result.image is not None else s.render())
-            if result.message:  # e.g. divergence: the session rolled back to the last good latent
-                how = _warn(result.message)
-            elif result.reached:
+            if result.message:  # divergence: the session rolled back to the last good latent
+                status = _warn(result.message)
+                st.last_status = status
+                yield st.display(), st.points_text(), status, st
+                return
+            if result.reached:
                 how = "done: every handle reached its target"
             elif st.stop_requested:
                 how = "stopped: press Start to continue"

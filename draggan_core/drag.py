@@ -319,6 +319,20 @@ def disc_offsets(r1: float) -> torch.Tensor:
     return torch.stack([dx[keep], dy[keep]], dim=1)  # [K, 2] as (x, y)
 
 
+def _optimise_and_report(s: DragSession, cfg: DragConfig, distances, done: bool, loss_motion: torch.Tensor,
+                         loss_mask: torch.Tensor, optimise: bool) -> StepResult:
+    """The part of a step both engines share: the Adam step on the latent, then the step's result."""
+    loss = loss_motion + cfg.lambda_mask * loss_mask
+    if optimise and not done:
+        s._opt.zero_grad(set_to_none=True)
+        loss.backward()
+        s._opt.step()
+        s.step_count += 1
+    return StepResult(step=s.step_count, handles=[p.handle for p in s.pairs], targets=[p.target for p in s.pairs],
+                      distances=distances, loss=loss.detach().item(), loss_motion=loss_motion.detach().item(),
+                      loss_mask=loss_mask.detach().item(), done=done or not optimise, reached=done, seconds=0.0)
+
+
 class _FeatureWindow:
     """Features of a window of the feature map, sampled at image pixel coordinates."""
 
@@ -463,16 +477,7 @@ class _Engine:
         if masked:
             keep = 1 - F.interpolate(s.mask[None, None], size=full_feat.shape[-2:], mode="area")
             loss_mask = ((full_feat - s._mask_reference).abs() * keep).mean()
-        loss = loss_motion + cfg.lambda_mask * loss_mask
-        if optimise and not done:
-            s._opt.zero_grad(set_to_none=True)
-            loss.backward()
-            s._opt.step()
-            s.step_count += 1
-        loss, loss_motion, loss_mask = loss.detach(), loss_motion.detach(), loss_mask.detach()
-        return StepResult(step=s.step_count, handles=[p.handle for p in pairs], targets=[p.target for p in pairs],
-                          distances=distances, loss=loss.item(), loss_motion=loss_motion.item(),
-                          loss_mask=loss_mask.item(), done=done or not optimise, reached=done, seconds=0.0)
+        return _optimise_and_report(s, cfg, distances, done, loss_motion, loss_mask, optimise)
 
 
 class _OfficialEngine:
@@ -550,13 +555,4 @@ class _OfficialEngine:
         if masked:
             keep = 1 - s.mask
             loss_mask = F.l1_loss(full * keep, s._mask_reference * keep)
-        loss = loss_motion + cfg.lambda_mask * loss_mask
-        if optimise and not done:
-            s._opt.zero_grad(set_to_none=True)
-            loss.backward()
-            s._opt.step()
-            s.step_count += 1
-        loss, loss_motion, loss_mask = loss.detach(), loss_motion.detach(), loss_mask.detach()
-        return StepResult(step=s.step_count, handles=[p.handle for p in pairs], targets=[p.target for p in pairs],
-                          distances=distances, loss=loss.item(), loss_motion=loss_motion.item(),
-                          loss_mask=loss_mask.item(), done=done or not optimise, reached=done, seconds=0.0)
+        return _optimise_and_report(s, cfg, distances, done, loss_motion, loss_mask, optimise)

@@ -15,6 +15,7 @@ Our default formulation (native-grid sampling, exact disc, L1 tracking) is timed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -126,7 +127,7 @@ def run_bench(config="ffhq512", steps=20, mask=False, threads=None, log=print) -
         if name == "baseline":
             ctx = _OfficialStyleStep(G, s)
         else:
-            ctx = _NullContext()
+            ctx = contextlib.nullcontext()
         with ctx:
             handles, times = [], []
             gen = s.run(max_steps=steps)
@@ -150,14 +151,6 @@ def run_bench(config="ffhq512", steps=20, mask=False, threads=None, log=print) -
     log(f"speedup {summary['speedup']:.1f}x, max handle deviation {dev:.2f} px, "
         f"peak RSS ours {summary['peak_rss_mb']:.0f} MB (process incl. baseline {summary['baseline_peak_rss_mb']:.0f} MB)")
     return summary
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def add_parser(subparsers):

@@ -174,3 +174,10 @@ def test_protocol_on_embedded_model():
                     model_defaults=drag_defaults_of(path))
     assert r["pairs"] == 3 and np.isfinite(r["md_after"]) and r["md_before"] > 0
     assert all(rec["steps"] <= 60 for rec in r["per_pair"])
+
+
+def test_detector_landmark_names_match_the_renderer():
+    """landmark_net keeps its own copy (the app must not import training/): it must not drift."""
+    from draggan_core.landmark_net import LANDMARK_NAMES
+    from training import faces
+    assert LANDMARK_NAMES == faces.LANDMARK_NAMES

@@ -32,6 +32,8 @@ def add_parser(subparsers):
     p.add_argument("--psi", type=float, default=0.7, help="truncation psi of the seeds")
     p.add_argument("--mask", action="store_true",
                    help="also drag with a flexible-region mask and compare the change outside it")
+    p.add_argument("--round-points", action="store_true",
+                   help="round handles and targets to pixel centres (as clicks are) instead of sub-pixel")
     p.add_argument("--detector", metavar="PATH", default=None,
                    help="landmark detector weights (default checkpoints/landmarks64.safetensors)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
@@ -70,7 +72,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = EvalConfig(pairs=args.pairs, points=args.points, steps=args.steps, seed=args.seed,
-                     split=args.split, psi=args.psi, mask=args.mask)
+                     split=args.split, psi=args.psi, mask=args.mask, round_points=args.round_points)
     try:
         cfg.check()
     except ValueError as e:

@@ -2,7 +2,8 @@
 
 One step (Pan et al. 2023, Eqs. 1-2), run on the *current* latent's features F:
   1. point tracking: each handle moves to the pixel of the r2 square around it whose feature is nearest
-     (L1 in the paper, L2 in the official code) to the handle's reference feature;
+     (L1 in the paper, L2 in the official code) to the handle's reference feature (optionally refined
+     to a quarter and then a sixteenth of a pixel: `subpixel`);
   2. motion supervision: over the disc of radius r1 around each handle that has not arrived,
      L = mean |F(q).detach() - F(q + d)| with d the unit vector towards the target, plus
      lambda * mean |(F - F0) * (1 - M)| when a mask M of the flexible region is set;
@@ -15,7 +16,7 @@ map), and, with no mask, computes F only in windows around the handles (exact, s
 `compat="official"` reproduces the official implementation's choices step for step.
 
 Points are (x, y) image pixel coordinates: x = column, y = row, origin top-left, pixel centres at
-integers.
+integers. Our formulation accepts and tracks sub-pixel points; the official one rounds them to pixels.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ class DragConfig:
     tracking: str | None = None        # "l1" (paper) or "l2" (official)
     track_patch: int | None = None     # 0: match single-pixel features (paper); k: (2k+1)^2 patches
     stop_distance: float | None = None
+    subpixel: bool | None = None       # refine tracked handles below a pixel (not in the paper)
+    adaptive_step: bool | None = None  # motion step min(1, distance) px instead of 1 px (not in the paper)
     max_steps: int = 300
     noise_mode: str = "const"
     display_every: int = 10            # render the image every k steps (0: only at the end)
@@ -86,6 +89,10 @@ class DragConfig:
             c.tracking = "l2" if official else md.get("tracking", "l1")
         if c.track_patch is None:
             c.track_patch = 0 if official else int(md.get("track_patch", 0))
+        if c.subpixel is None:
+            c.subpixel = False if official else bool(md.get("subpixel", False))
+        if c.adaptive_step is None:
+            c.adaptive_step = False if official else bool(md.get("adaptive_step", False))
         if c.stop_distance is None:
             paper_rule = 1.0 if num_points <= 5 else 2.0
             c.stop_distance = max(2 * res / 512, 2.0) if official else md.get("stop_distance", paper_rule)
@@ -110,8 +117,8 @@ class PointPair:
 @dataclass
 class StepResult:
     step: int                          # steps taken in this session (all runs)
-    handles: list[tuple[int, int]]
-    targets: list[tuple[int, int]]
+    handles: list[tuple[float, float]]  # ints when on pixel centres
+    targets: list[tuple[float, float]]
     distances: list[float]
     loss: float
     loss_motion: float
@@ -187,7 +194,7 @@ class DragSession:
             raise DragError(f"{name} ({x}, {y}) is not finite")
         if not (-0.5 <= x <= s - 0.5 and -0.5 <= y <= s - 0.5):
             raise DragError(f"{name} ({x:g}, {y:g}) is outside the {s}x{s} image")
-        return round(x), round(y)
+        return as_point(x, y)
 
     def add_pair(self, handle, target, max_pairs: int = 128) -> int:
         if len(self.pairs) >= max_pairs:
@@ -305,6 +312,12 @@ class DragSession:
 MAX_LATENT_ABS = 1e4
 
 
+def as_point(x: float, y: float) -> tuple:
+    """A point as stored: ints on pixel centres (clicks), else floats to 1/1000 px."""
+    x, y = round(float(x), 3), round(float(y), 3)
+    return (int(x), int(y)) if x.is_integer() and y.is_integer() else (x, y)
+
+
 def _pixel_to_feature(coord: torch.Tensor, image_res: int, feature_res: int) -> torch.Tensor:
     """Image pixel-centre coordinates -> feature-map coordinates (align_corners=False convention)."""
     return (coord + 0.5) * (feature_res / image_res) - 0.5
@@ -363,7 +376,8 @@ def merged_windows(centres, margin: int, size: int):
     windows: list[list[int]] = []
     members: list[list[int]] = []
     for i, (x, y) in enumerate(centres):
-        b = [max(y - margin, 0), min(y + margin + 1, size), max(x - margin, 0), min(x + margin + 1, size)]
+        b = [max(math.floor(y) - margin, 0), min(math.ceil(y) + margin + 1, size),
+             max(math.floor(x) - margin, 0), min(math.ceil(x) + margin + 1, size)]
         for j, m in enumerate(windows):
             if b[0] < m[1] and m[0] < b[1] and b[2] < m[3] and m[2] < b[3]:
                 windows[j] = [min(b[0], m[0]), max(b[1], m[1]), min(b[2], m[2]), max(b[3], m[3])]
@@ -424,12 +438,23 @@ class _Engine:
         d = torch.arange(-k, k + 1, dtype=torch.float32, device=session.device)
         py, px = torch.meshgrid(d, d, indexing="ij")
         self.patch = torch.stack([px.reshape(-1), py.reshape(-1)], dim=1)  # [K, 2]; K = 1 for the paper
+        f = torch.linspace(-0.5, 0.5, 5, device=session.device)
+        fy, fx = torch.meshgrid(f, f, indexing="ij")
+        self.fine = torch.stack([fx.reshape(-1), fy.reshape(-1)], dim=1)  # quarter-pixel offsets, [25, 2]
         # tracking square (and its patches), then the disc (plus one step) around any pixel of it
         self.margin = int(cfg.r2) + max(math.ceil(cfg.r1) + 1, k)
 
     def features(self, ws, centres, full: bool):
         wins, _, feat = windowed_features(self.G, self.cfg, ws, centres, self.margin, full)
         return wins, feat
+
+    def _nearest(self, fw: "_FeatureWindow", reference: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """The candidate point [2] whose (patch) features are nearest to the reference."""
+        cand = cand[((cand >= 0) & (cand <= self.res - 1)).all(dim=1)]
+        feats = fw.sample((cand[:, None] + self.patch[None]).reshape(-1, 2)).reshape(len(cand), len(self.patch), -1)
+        diff = feats - reference[None]
+        dist = diff.abs().sum(dim=(1, 2)) if self.cfg.tracking == "l1" else diff.square().sum(dim=(1, 2))
+        return cand[int(torch.argmin(dist))]
 
     # --- one step
     def step(self, optimise: bool) -> StepResult:
@@ -452,14 +477,11 @@ class _Engine:
         with torch.no_grad():
             for p, fw in zip(pairs, wins):
                 centre = torch.tensor(p.handle, dtype=torch.float32, device=device)
-                cand = centre + self.square
-                inside = ((cand >= 0) & (cand <= self.res - 1)).all(dim=1)
-                cand = cand[inside]
-                feats = fw.sample((cand[:, None] + self.patch[None]).reshape(-1, 2)).reshape(len(cand), len(self.patch), -1)
-                diff = feats - p.reference[None]
-                dist = diff.abs().sum(dim=(1, 2)) if cfg.tracking == "l1" else diff.square().sum(dim=(1, 2))
-                best = cand[int(torch.argmin(dist))]
-                p.handle = (int(best[0]), int(best[1]))
+                best = self._nearest(fw, p.reference, centre + self.square)
+                if cfg.subpixel:  # two finer searches around the best pixel: 1/4 px, then 1/16 px
+                    best = self._nearest(fw, p.reference, best + self.fine)
+                    best = self._nearest(fw, p.reference, best + self.fine / 4)
+                p.handle = as_point(best[0], best[1])
 
         distances = [math.dist(p.handle, p.target) for p in pairs]
         active = [d > cfg.stop_distance for d in distances]
@@ -471,7 +493,8 @@ class _Engine:
             centre = torch.tensor(p.handle, dtype=torch.float32, device=device)
             q = centre + self.offsets
             q = q[((q >= 0) & (q <= self.res - 1)).all(dim=1)]
-            direction = (torch.tensor(p.target, dtype=torch.float32, device=device) - centre) / dist
+            step = min(dist, 1.0) if cfg.adaptive_step else 1.0  # a full pixel overshoots a closer target
+            direction = (torch.tensor(p.target, dtype=torch.float32, device=device) - centre) * (step / dist)
             loss_motion = loss_motion + (fw.sample(q).detach() - fw.sample(q + direction)).abs().mean()
         loss_mask = torch.zeros((), device=device)
         if masked:
@@ -490,6 +513,8 @@ class _OfficialEngine:
 
     def __init__(self, session: DragSession, cfg: DragConfig):
         self.s, self.cfg = session, cfg
+        for p in session.pairs:  # the official code works on integer pixels
+            p.handle, p.target, p.origin = (tuple(round(v) for v in q) for q in (p.handle, p.target, p.origin))
         res = session.resolution
         grid = torch.linspace(0, res, res, device=session.device)  # sic: spacing res/(res-1)
         self.rows, self.cols = torch.meshgrid(grid, grid, indexing="ij")

@@ -198,3 +198,48 @@ def test_run_memory_is_flat(G, w0):
 @pytest.mark.slow
 def test_thousand_step_run_memory_is_flat(G, w0):
     assert _peak_rss_growth(G, w0, 100, 1100) < 20
+
+
+def test_points_keep_sub_pixel_positions(G, w0):
+    s = DragSession(G, w0)
+    s.add_pair((10, 12), (20.0, 30.0))
+    s.add_pair((10.25, 12.5), (20.123456, 30.9))
+    assert s.pairs[0].handle == (10, 12) and isinstance(s.pairs[0].target[0], int)  # clicks stay ints
+    assert s.pairs[1].handle == (10.25, 12.5) and s.pairs[1].target == (20.123, 30.9)
+
+
+@pytest.mark.parametrize("subpixel", [True, False])
+def test_subpixel_tracking_recovers_a_fractional_shift(G, w0, subpixel):
+    """Reference taken at h; the handle is then put 0.3/-0.2 px off. Pixel-step tracking cannot come
+    back (every candidate keeps the fractional offset); the refinement lands within 1/16 px of h."""
+    h = (30.0, 28.0)
+    s = DragSession(G, w0, DragConfig(feature_res=32, subpixel=subpixel, display_every=0))
+    s.add_pair(h, (40, 28))
+    list(s.run(max_steps=0))  # a tracking-only step takes the reference at h
+    s.pairs[0].handle = (h[0] + 0.3, h[1] - 0.2)
+    list(s.run(max_steps=0))
+    err = np.hypot(s.pairs[0].handle[0] - h[0], s.pairs[0].handle[1] - h[1])
+    if subpixel:
+        assert err < 1 / 16
+    else:
+        assert err == pytest.approx(np.hypot(0.3, 0.2), abs=1e-3)
+
+
+def test_adaptive_step_only_changes_moves_shorter_than_a_pixel(G, w0):
+    def latent_after_one_step(target, adaptive):
+        s = DragSession(G, w0, DragConfig(feature_res=32, adaptive_step=adaptive, stop_distance=0.1,
+                                          display_every=0))
+        s.add_pair((30, 28), target)
+        list(s.run(max_steps=1))
+        return s.latent
+    far, near = (36, 28), (30.5, 28)
+    assert torch.equal(latent_after_one_step(far, True), latent_after_one_step(far, False))
+    assert not torch.equal(latent_after_one_step(near, True), latent_after_one_step(near, False))
+
+
+def test_official_compat_rounds_sub_pixel_points(G, w0):
+    s = DragSession(G, w0, DragConfig(compat="official", feature_res=32, r1=3, r2=12, display_every=0))
+    s.add_pair((20.4, 19.6), (30.2, 36.4))
+    results = list(s.run(max_steps=2))
+    assert s.pairs[0].target == (30, 36) and s.pairs[0].origin == (20, 20)
+    assert all(isinstance(v, int) for r in results for h in r.handles for v in h)

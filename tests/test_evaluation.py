@@ -181,3 +181,21 @@ def test_detector_landmark_names_match_the_renderer():
     from draggan_core.landmark_net import LANDMARK_NAMES
     from training import faces
     assert LANDMARK_NAMES == faces.LANDMARK_NAMES
+
+
+@needs_fixture
+def test_protocol_uses_sub_pixel_points_unless_rounding_is_asked(G, monkeypatch):
+    seen = []
+    real = ev.drag_edit
+
+    def spy(G_, w, handles, targets, *a, **k):
+        seen.append((np.asarray(handles, float), np.asarray(targets, float)))
+        return real(G_, w, handles, targets, *a, **k)
+    monkeypatch.setattr(ev, "drag_edit", spy)
+    r = ev.evaluate(G, StubDetector(), ev.EvalConfig(pairs=1, points="5", steps=1, split="val"))
+    h, t = seen[-1]
+    np.testing.assert_allclose(h, np.array(r["per_pair"][0]["lm_a"]), atol=1e-3)
+    np.testing.assert_allclose(t, np.array(r["per_pair"][0]["lm_b"]), atol=1e-3)
+    ev.evaluate(G, StubDetector(), ev.EvalConfig(pairs=1, points="5", steps=1, split="val", round_points=True))
+    h, t = seen[-1]
+    assert np.array_equal(h, np.rint(h)) and np.array_equal(t, np.rint(t))

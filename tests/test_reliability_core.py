@@ -90,7 +90,7 @@ def test_points_on_the_edges_and_numpy_scalars_are_accepted(session):
     session.add_pair((np.float32(0), np.int64(0)), (r - 1, r - 1))
     session.add_pair(np.array([r - 1, 0]), torch.tensor([0.4, r - 0.6]))
     assert [p.origin for p in session.pairs[1:]] == [(0, 0), (r - 1, 0)]
-    assert session.pairs[2].target == (0, r - 1)
+    assert session.pairs[2].target == (0.4, r - 0.6)  # sub-pixel points are kept (to 1/1000 px)
 
 
 def test_thousands_of_points_hit_the_cap(G, session):

@@ -91,7 +91,14 @@ def held_out_error(net: LandmarkNet, n: int = 500, seed: int = HELD_OUT_SEED, bl
     e = err[vis]
     per_lm = [(err[:, k][vis[:, k]].mean().item() if vis[:, k].any() else float("nan")) for k in range(err.shape[1])]
     vis_acc = ((det.visible > 0.5) == vis).float().mean().item()
+    # the floor of the landmark-transfer protocol: were an edit perfect (landmark exactly on face B's),
+    # MD after would still be |error on the edited face - error on face B|; estimated on render pairs
+    vec = det.points - torch.from_numpy(batch.landmarks)
+    half = n // 2
+    both = vis[:half] & vis[half:2 * half]
+    floor = (vec[:half] - vec[half:2 * half]).norm(dim=-1)[both].mean().item()
     return {"mean_px": e.mean().item(), "median_px": e.median().item(), "p95_px": e.quantile(0.95).item(),
+            "perfect_edit_floor_px": floor,
             "max_landmark_mean_px": float(np.nanmax(per_lm)), "visibility_accuracy": vis_acc,
             "per_landmark_px": {nm: round(v, 3) for nm, v in zip(faces.LANDMARK_NAMES, per_lm)}}
 
@@ -149,6 +156,7 @@ def main(argv=None) -> int:
                "held_out_seed": HELD_OUT_SEED, "held_out_n": args.eval_n,
                "held_out_mean_px": round(clean["mean_px"], 4), "held_out_median_px": round(clean["median_px"], 4),
                "held_out_p95_px": round(clean["p95_px"], 4),
+               "perfect_edit_floor_px": round(clean["perfect_edit_floor_px"], 4),
                "held_out_blur1_mean_px": round(blurred["mean_px"], 4),
                "visibility_accuracy": round(clean["visibility_accuracy"], 4)}
     out_path = Path(args.out)

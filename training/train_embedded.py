@@ -68,10 +68,13 @@ def compact_state(state: dict) -> dict:
     return {**state, "G": cast(state["G"], torch.float16), "G_ema": cast(state["G_ema"], torch.float16), "opt": opt}
 
 
-def render_batch(z: np.ndarray):
+def render_batch(z: np.ndarray, part_gains=(1.0, 1.0, 1.0, 1.0)):
+    """Renders and the per-pixel extra loss weight: max over parts of gain_p * coverage_p, [N,1,H,W]
+    (gains relative to --part-gain, in faces.PART_NAMES order)."""
     batch = faces.render(z)
     images = torch.from_numpy(batch.images)
-    weights = torch.from_numpy(batch.part_masks).amax(dim=1, keepdim=True)  # [N,1,H,W]
+    gains = torch.tensor(part_gains, dtype=torch.float32)[None, :, None, None]
+    weights = (torch.from_numpy(batch.part_masks) * gains).amax(dim=1, keepdim=True)
     return images, weights
 
 
@@ -125,6 +128,8 @@ def main(argv=None):
     p.add_argument("--decay-start", type=int, default=None, help="step where the lr starts decaying linearly")
     p.add_argument("--decay-end", type=int, default=None, help="step where the lr reaches 10%% of --lr")
     p.add_argument("--part-gain", type=float, default=8.0, help="extra L1 weight on eyes/brows/nose/mouth")
+    p.add_argument("--part-scale", default="1,1,1,1", metavar="E,B,N,M",
+                   help="per-part multipliers of --part-gain for eyes, brows, nose, mouth")
     p.add_argument("--ema-kimg", type=float, default=2.0, help="G_ema half-life in thousands of images")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--save-every-min", type=float, default=5.0)
@@ -134,6 +139,9 @@ def main(argv=None):
                         "training/state/embedded-last.pt")
     p.add_argument("--export", default=None, help="also write G_ema as native safetensors (fp16) here")
     args = p.parse_args(argv)
+    part_scale = tuple(float(v) for v in args.part_scale.split(","))
+    if len(part_scale) != len(faces.PART_NAMES):
+        p.error(f"--part-scale needs {len(faces.PART_NAMES)} values ({', '.join(faces.PART_NAMES)})")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -187,7 +195,7 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, args)
         z = faces.sample_z(args.batch, seed=step)
-        real, part_weight = render_batch(z)
+        real, part_weight = render_batch(z, part_scale)
         fake = G(torch.from_numpy(z), fused=False)
         loss = regression_loss(fake, real, part_weight, args.part_gain)
         opt.zero_grad(set_to_none=True)

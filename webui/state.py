@@ -393,8 +393,8 @@ class EditorState:
         lines = []
         for i, p in enumerate(pairs):
             d = math.dist(p.handle, p.target)
-            moved = f", now at ({p.handle[0]}, {p.handle[1]})" if p.handle != p.origin else ""
-            lines.append(f"{i + 1}: handle ({p.origin[0]}, {p.origin[1]}) -> target ({p.target[0]}, {p.target[1]})"
+            moved = f", now at {_fmt_point(p.handle)}" if p.handle != p.origin else ""
+            lines.append(f"{i + 1}: handle {_fmt_point(p.origin)} -> target {_fmt_point(p.target)}"
                          f"{moved}, distance {d:.1f}")
         if self.pending is not None:
             lines.append(f"handle ({self.pending[0]}, {self.pending[1]}) placed: click its target")
@@ -576,3 +576,8 @@ def frame_due(last_yield: float, now: float | None = None) -> bool:
 
 __all__ = ["EditorState", "UIError", "STORE", "editor_alpha", "model_choices", "resolve_model_path",
            "env_max_steps", "upscale_factor", "frame_due"]
+
+
+def _fmt_point(p) -> str:
+    """(12, 40) for pixel points, (12.4, 40.1) for sub-pixel ones."""
+    return "(" + ", ".join(f"{round(v, 1):g}" for v in p) + ")"

@@ -40,6 +40,10 @@ def add_parser(subparsers):
     p.add_argument("--w-mode", choices=("w", "w+"))
     p.add_argument("--feature-block", type=int, metavar="RES", help="synthesis block (by resolution) for features")
     p.add_argument("--stop-distance", type=float, help="a handle within this many pixels has arrived")
+    p.add_argument("--track-block", type=int, metavar="RES", help="synthesis block whose features track the handles")
+    p.add_argument("--track-patch", type=int, metavar="K", help="track (2K+1)^2 feature patches (0: single pixels)")
+    p.add_argument("--subpixel", action=argparse.BooleanOptionalAction, default=None,
+                   help="refine tracked handles below a pixel")
     p.add_argument("--compat", choices=("ours", "official"), help="'official' reproduces the official code's choices")
     p.add_argument("--out", "-o", required=True, metavar="OUT.png")
     p.add_argument("--gif", metavar="OUT.gif", help="animated trajectory")
@@ -75,7 +79,8 @@ def _build_recipe(args) -> Recipe:
         recipe.steps = args.steps
     for flag, key in [("lr", "lr"), ("r1", "r1"), ("r2", "r2"), ("lambda_mask", "lambda_mask"),
                       ("tracking", "tracking"), ("w_mode", "w_mode"), ("feature_block", "feature_res"),
-                      ("stop_distance", "stop_distance"), ("compat", "compat")]:
+                      ("stop_distance", "stop_distance"), ("compat", "compat"), ("track_block", "track_res"),
+                      ("track_patch", "track_patch"), ("subpixel", "subpixel")]:
         value = getattr(args, flag)
         if value is not None:
             recipe.settings[key] = value

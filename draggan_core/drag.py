@@ -47,6 +47,7 @@ class DragConfig:
     r2: int | None = None              # point-tracking half window, image pixels
     lambda_mask: float = 20.0
     feature_res: int | None = None     # feature block by resolution; default 6th block or the last
+    track_res: int | None = None       # block whose features track the handles (default: feature_res)
     num_optimized_ws: int | None = None  # style vectors optimised (paper: the first 6)
     w_mode: str | None = None          # "w+" (one vector per layer) or "w" (one shared vector)
     tracking: str | None = None        # "l1" (paper) or "l2" (official)
@@ -75,6 +76,10 @@ class DragConfig:
                 c.feature_res = blocks[5] if len(blocks) > 5 else blocks[-1]
         if c.feature_res not in blocks:
             raise ValueError(f"feature block {c.feature_res} does not exist; blocks are {blocks}")
+        if c.track_res is None:
+            c.track_res = c.feature_res if official else md.get("track_res", c.feature_res)
+        if c.track_res not in blocks:
+            raise ValueError(f"tracking block {c.track_res} does not exist; blocks are {blocks}")
         if c.lr is None:
             c.lr = 1e-3 if official else md.get("lr", 2e-3)
         if c.r1 is None:
@@ -287,6 +292,11 @@ class DragSession:
         cfg = self.config.resolve(self.G, len(self.pairs), self.model_defaults)
         steps = cfg.max_steps if max_steps is None else max_steps
         self._prepare(cfg)
+        key = (cfg.compat, cfg.track_res, cfg.track_patch)
+        if getattr(self, "_reference_key", key) != key:  # references from another block/shape: retake
+            for p in self.pairs:
+                p.reference = None
+        self._reference_key = key
         engine = _OfficialEngine(self, cfg) if cfg.compat == "official" else _Engine(self, cfg)
         for k in range(steps + 1):
             t0 = time.perf_counter()
@@ -448,6 +458,14 @@ class _Engine:
         wins, _, feat = windowed_features(self.G, self.cfg, ws, centres, self.margin, full)
         return wins, feat
 
+    @torch.no_grad()
+    def tracking_features(self, ws, centres, wins):
+        """Feature windows for point tracking: the motion-supervision ones unless track_res differs."""
+        if self.cfg.track_res == self.cfg.feature_res:
+            return wins
+        cfg = dataclasses.replace(self.cfg, feature_res=self.cfg.track_res)
+        return windowed_features(self.G, cfg, ws.detach(), centres, self.margin, full=False)[0]
+
     def _nearest(self, fw: "_FeatureWindow", reference: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
         """The candidate point [2] whose (patch) features are nearest to the reference."""
         cand = cand[((cand >= 0) & (cand <= self.res - 1)).all(dim=1)]
@@ -466,8 +484,9 @@ class _Engine:
         need_ref = [p for p in pairs if p.reference is None]
         if need_ref or (masked and s._mask_reference is None):
             with torch.no_grad():
-                wins, full_feat = self.features(ws.detach(), [p.handle for p in need_ref] or [(0, 0)], full=masked)
-                for p, fw in zip(need_ref, wins):
+                centres = [p.handle for p in need_ref] or [(0, 0)]
+                wins, full_feat = self.features(ws.detach(), centres, full=masked)
+                for p, fw in zip(need_ref, self.tracking_features(ws, centres, wins)):
                     p.reference = fw.sample(torch.tensor(p.handle, dtype=torch.float32, device=device) + self.patch)
                 if masked:
                     s._mask_reference = full_feat.detach()
@@ -475,7 +494,7 @@ class _Engine:
 
         # 1. point tracking on this step's features
         with torch.no_grad():
-            for p, fw in zip(pairs, wins):
+            for p, fw in zip(pairs, self.tracking_features(ws, [p.handle for p in pairs], wins)):
                 centre = torch.tensor(p.handle, dtype=torch.float32, device=device)
                 best = self._nearest(fw, p.reference, centre + self.square)
                 if cfg.subpixel:  # two finer searches around the best pixel: 1/4 px, then 1/16 px

@@ -243,3 +243,21 @@ def test_official_compat_rounds_sub_pixel_points(G, w0):
     results = list(s.run(max_steps=2))
     assert s.pairs[0].target == (30, 36) and s.pairs[0].origin == (20, 20)
     assert all(isinstance(v, int) for r in results for h in r.handles for v in h)
+
+
+def test_tracking_block_can_differ_and_changing_it_between_runs_is_safe(G, w0):
+    s = DragSession(G, w0, DragConfig(feature_res=16, track_res=32, display_every=0))
+    s.add_pair((30, 28), (36, 28))
+    list(s.run(max_steps=2))
+    c32 = G.synthesis(w0, feature_res=32, stop_at_feature=True)[1].shape[1]
+    assert s.pairs[0].reference.shape[-1] == c32
+    s.config = DragConfig(feature_res=16, display_every=0)   # tracking back on b16: references retaken
+    list(s.run(max_steps=2))
+    c16 = G.synthesis(w0, feature_res=16, stop_at_feature=True)[1].shape[1]
+    assert s.pairs[0].reference.shape[-1] == c16
+    s.config = DragConfig(compat="official", feature_res=32, r1=3, r2=12, display_every=0)
+    assert list(s.run(max_steps=2))[-1].step == 6
+    bad = DragSession(G, w0, DragConfig(track_res=24))
+    bad.add_pair((30, 28), (36, 28))
+    with pytest.raises(ValueError, match="tracking block"):
+        list(bad.run(max_steps=1))

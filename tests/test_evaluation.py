@@ -137,7 +137,7 @@ def test_detector_error_on_renders():
     batch = faces.render(faces.sample_z(16, 123_456_789))
     d = det(torch.from_numpy(batch.images))
     err = (d.points - torch.from_numpy(batch.landmarks)).norm(dim=-1)[torch.from_numpy(batch.visible)]
-    assert err.mean().item() < 1.5
+    assert err.mean().item() < 0.5  # 0.22 px over 500 held-out renders (model card)
     # uint8 HWC input and another size give the same points (scaled)
     u8 = faces.to_uint8(batch.images[:2])
     d8 = det(u8)
@@ -199,3 +199,17 @@ def test_protocol_uses_sub_pixel_points_unless_rounding_is_asked(G, monkeypatch)
     ev.evaluate(G, StubDetector(), ev.EvalConfig(pairs=1, points="5", steps=1, split="val", round_points=True))
     h, t = seen[-1]
     assert np.array_equal(h, np.rint(h)) and np.array_equal(t, np.rint(t))
+
+
+@needs_detector
+def test_mirrored_detection_is_exactly_flip_equivariant():
+    from training import faces
+    det = LandmarkDetector.load()
+    assert det.flip and [det.names[i] for i in det.mirror][:2] == ["eye_right_outer", "eye_right_inner"]
+    images = torch.from_numpy(faces.render(faces.sample_z(4, 99)).images)
+    d, m = det(images), det(images.flip(-1))
+    back = m.points[:, det.mirror]
+    back = torch.stack([63 - back[..., 0], back[..., 1]], dim=-1)
+    assert (back - d.points).abs().max() < 1e-4
+    single = LandmarkDetector.load(flip=False)(images)
+    assert (single.points - d.points).abs().max() > 1e-3  # the augmentation does change the points

@@ -251,3 +251,18 @@ def test_cli_drag_with_bad_masks_exits_2_with_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and "error" in err and "Traceback" not in err, (p, err)
         assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.skipif(not PKL.is_file(), reason="shared official fixture not present")
+def test_cli_drag_tracking_options_reach_the_session(tmp_path):
+    import json
+    log = tmp_path / "log.json"
+    code = cli.main(["drag", "--model", str(PKL), "--seed", "0", "--drag", "20.5,20:24,20.25", "--steps", "2",
+                     "--feature-block", "16", "--track-block", "32", "--track-patch", "1", "--subpixel",
+                     "--out", str(tmp_path / "o.png"), "--log", str(log)])
+    assert code == 0
+    rec = json.loads(log.read_text())
+    assert rec["targets"][0] == [24, 20.25]
+    with pytest.raises(SystemExit):
+        cli.main(["drag", "--model", str(PKL), "--seed", "0", "--drag", "1,1:2,2", "--track-patch", "x",
+                  "--out", str(tmp_path / "p.png")])

@@ -51,3 +51,20 @@ def test_landmark_training_smoke(tmp_path):
     det = LandmarkDetector.load(out)
     d = det(np.zeros((1, 64, 64, 3), np.uint8))
     assert d.points.shape == (1, len(faces.LANDMARK_NAMES), 2) and torch.isfinite(d.points).all()
+
+
+def test_schedule_stages_override_by_step(tmp_path):
+    import argparse
+    import json
+    sched = tmp_path / "s.json"
+    sched.write_text(json.dumps({"stages": [{"until_step": 2, "lr": 0.5, "part_scale": "1,1,1,1"},
+                                            {"until_step": 4, "lr": 0.1, "decay_start": 2, "decay_end": 4,
+                                             "part_scale": "1,2,3,1"}]}))
+    args = argparse.Namespace(lr=0.01, decay_start=None, decay_end=None, part_scale="1,1,1,1",
+                              schedule_stages=json.loads(sched.read_text())["stages"])
+    lrs = [train_embedded.learning_rate(s, train_embedded.stage_for(s, args)) for s in range(6)]
+    assert lrs[:2] == [0.5, 0.5] and lrs[2] == pytest.approx(0.1) and lrs[3] == pytest.approx(0.1 * (1 - 0.45))
+    assert lrs[4:] == [0.01, 0.01]
+    assert train_embedded.stage_for(3, args).part_scale == "1,2,3,1"
+    state = _run(tmp_path / "run", 3, ["--schedule", str(sched)])
+    assert state["step"] == 3

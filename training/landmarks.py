@@ -1,6 +1,6 @@
 """Train the landmark detector used by the evaluation protocol (draggan_core/landmark_net.py).
 
-    python -m training.landmarks --out checkpoints/landmarks64.safetensors --minutes 8
+    python -m training.landmarks --out checkpoints/landmarks64.safetensors --minutes 35
 
 Every step renders a fresh batch of procedural faces (training.faces) with their exact landmarks and
 augments it so that the detector transfers to generated images: random Gaussian blur (sigma up to
@@ -106,7 +106,7 @@ def held_out_error(net: LandmarkNet, n: int = 500, seed: int = HELD_OUT_SEED, bl
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="checkpoints/landmarks64.safetensors")
-    p.add_argument("--minutes", type=float, default=8.0, help="training wall-time budget")
+    p.add_argument("--minutes", type=float, default=35.0, help="training wall-time budget")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)

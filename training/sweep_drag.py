@@ -31,14 +31,15 @@ VALIDATION_SEED = 1  # the model card's drag success uses seed 0
 
 GRID = {
     "subpixel": [True, False],
-    "adaptive_step": [True, False],
+    "adaptive_step": [False, True],
     "tracking": ["l1", "l2"],
     "w_mode": ["w", "w+"],
     "num_optimized_ws": [10, 6],
     "feature_res": [16, 32, 64],
+    "track_res": [16, 32],
     "track_patch": [1, 0],
     "r2": [3, 5],
-    "stop_distance": [0.5, 0.25, 1.0],
+    "stop_distance": [0.5, 0.25, 0.1, 1.0],
     "r1": [2.0, 3.0],
     "lr": [2e-3, 4e-3],
 }
@@ -64,12 +65,12 @@ def main(argv=None):
     grid = {k: v for k, v in GRID.items() if args.only is None or k in args.only.split(",")}
     grid = {k: v for k, v in grid.items() if k not in fixed}
     keys = list(grid)
-    if args.quick:
-        base = {k: v[0] for k, v in grid.items()}
-        configs = [base] + [{**base, k: v} for k in keys for v in grid[k][1:]]
+    base_defaults = {**json.loads(DRAG_DEFAULTS_FILE.read_text()), **fixed}
+    if args.quick:  # the current defaults, then one setting changed at a time
+        base = {k: base_defaults.get(k, v[0]) for k, v in grid.items()}
+        configs = [base] + [{**base, k: v} for k in keys for v in grid[k] if v != base[k]]
     else:
         configs = [dict(zip(keys, values)) for values in itertools.product(*grid.values())]
-    base_defaults = {**json.loads(DRAG_DEFAULTS_FILE.read_text()), **fixed}
     rows = []
     for cfg in configs:
         t0 = time.time()

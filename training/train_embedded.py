@@ -110,6 +110,14 @@ def save_grid(path, real, fake, n=16, scale=3):
     Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)
 
 
+def stage_for(step: int, args):
+    """The settings in force at `step`: the --schedule stage covering it, else the command line's."""
+    for stage in args.schedule_stages:
+        if step < stage["until_step"]:
+            return argparse.Namespace(**{**vars(args), **{k.replace("-", "_"): v for k, v in stage.items()}})
+    return args
+
+
 def learning_rate(step: int, args) -> float:
     """Constant, then (optionally) linear decay to 10 % between --decay-start and --decay-end."""
     if args.decay_start is None or args.decay_end is None or step < args.decay_start:
@@ -130,6 +138,9 @@ def main(argv=None):
     p.add_argument("--part-gain", type=float, default=8.0, help="extra L1 weight on eyes/brows/nose/mouth")
     p.add_argument("--part-scale", default="1,1,1,1", metavar="E,B,N,M",
                    help="per-part multipliers of --part-gain for eyes, brows, nose, mouth")
+    p.add_argument("--schedule", default=None, metavar="JSON",
+                   help="stages [{until_step, lr, decay_start, decay_end, part_scale}, ...] overriding those "
+                        "options per step range, e.g. training/embedded_schedule.json (the shipped run)")
     p.add_argument("--ema-kimg", type=float, default=2.0, help="G_ema half-life in thousands of images")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--save-every-min", type=float, default=5.0)
@@ -139,9 +150,11 @@ def main(argv=None):
                         "training/state/embedded-last.pt")
     p.add_argument("--export", default=None, help="also write G_ema as native safetensors (fp16) here")
     args = p.parse_args(argv)
-    part_scale = tuple(float(v) for v in args.part_scale.split(","))
-    if len(part_scale) != len(faces.PART_NAMES):
-        p.error(f"--part-scale needs {len(faces.PART_NAMES)} values ({', '.join(faces.PART_NAMES)})")
+    args.schedule_stages = json.loads(Path(args.schedule).read_text())["stages"] if args.schedule else []
+    for a in [args, *args.schedule_stages]:
+        scale = a.part_scale if isinstance(a, argparse.Namespace) else a.get("part_scale", args.part_scale)
+        if len(str(scale).split(",")) != len(faces.PART_NAMES):
+            p.error(f"--part-scale needs {len(faces.PART_NAMES)} values ({', '.join(faces.PART_NAMES)})")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -192,10 +205,11 @@ def main(argv=None):
     psnr = float("nan")
     while seconds < budget and not stopping and (args.max_steps is None or step < args.max_steps):
         t0 = time.time()
+        stage = stage_for(step, args)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(step, args)
+            group["lr"] = learning_rate(step, stage)
         z = faces.sample_z(args.batch, seed=step)
-        real, part_weight = render_batch(z, part_scale)
+        real, part_weight = render_batch(z, tuple(float(v) for v in str(stage.part_scale).split(",")))
         fake = G(torch.from_numpy(z), fused=False)
         loss = regression_loss(fake, real, part_weight, args.part_gain)
         opt.zero_grad(set_to_none=True)

@@ -158,6 +158,7 @@ class DragSession:
         self.pairs: list[PointPair] = []
         self.mask: torch.Tensor | None = None  # [S, S] float, 1 = may change
         self.step_count = 0
+        self._reference_key = None  # (compat, track_res, track_patch) the references were taken with
         self._reset_latent()
 
     # ------------------------------------------------------------------ editing state
@@ -293,7 +294,7 @@ class DragSession:
         steps = cfg.max_steps if max_steps is None else max_steps
         self._prepare(cfg)
         key = (cfg.compat, cfg.track_res, cfg.track_patch)
-        if getattr(self, "_reference_key", key) != key:  # references from another block/shape: retake
+        if self._reference_key not in (None, key):  # references from another block/shape: retake
             for p in self.pairs:
                 p.reference = None
         self._reference_key = key

@@ -52,7 +52,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--out", default=None)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="vary one setting at a time around the first value")
+    p.add_argument("--quick", action="store_true", help="vary one setting at a time around the current defaults")
     p.add_argument("--protocol", choices=("random", "landmarks"), default="random")
     p.add_argument("--points", choices=("1", "5", "all"), default="1", help="landmarks protocol: points per edit")
     p.add_argument("--only", default=None, help="comma-separated settings to vary (default: all of GRID)")

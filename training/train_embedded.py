@@ -110,6 +110,10 @@ def save_grid(path, real, fake, n=16, scale=3):
     Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)
 
 
+def parse_part_scale(text) -> tuple[float, ...]:
+    return tuple(float(v) for v in str(text).split(","))
+
+
 def stage_for(step: int, args):
     """The settings in force at `step`: the --schedule stage covering it, else the command line's."""
     for stage in args.schedule_stages:
@@ -151,9 +155,8 @@ def main(argv=None):
     p.add_argument("--export", default=None, help="also write G_ema as native safetensors (fp16) here")
     args = p.parse_args(argv)
     args.schedule_stages = json.loads(Path(args.schedule).read_text())["stages"] if args.schedule else []
-    for a in [args, *args.schedule_stages]:
-        scale = a.part_scale if isinstance(a, argparse.Namespace) else a.get("part_scale", args.part_scale)
-        if len(str(scale).split(",")) != len(faces.PART_NAMES):
+    for scale in [args.part_scale] + [stage.get("part_scale", args.part_scale) for stage in args.schedule_stages]:
+        if len(parse_part_scale(scale)) != len(faces.PART_NAMES):
             p.error(f"--part-scale needs {len(faces.PART_NAMES)} values ({', '.join(faces.PART_NAMES)})")
 
     torch.set_num_threads(args.threads)
@@ -209,7 +212,7 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, stage)
         z = faces.sample_z(args.batch, seed=step)
-        real, part_weight = render_batch(z, tuple(float(v) for v in str(stage.part_scale).split(",")))
+        real, part_weight = render_batch(z, parse_part_scale(stage.part_scale))
         fake = G(torch.from_numpy(z), fused=False)
         loss = regression_loss(fake, real, part_weight, args.part_gain)
         opt.zero_grad(set_to_none=True)

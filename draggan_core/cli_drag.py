@@ -35,7 +35,7 @@ def add_parser(subparsers):
     p.add_argument("--lr", type=float)
     p.add_argument("--r1", type=float, help="motion-supervision radius in image pixels")
     p.add_argument("--r2", type=int, help="point-tracking half window in image pixels")
-    p.add_argument("--lambda-mask", type=float)
+    p.add_argument("--lambda-mask", type=float, help="weight of the keep-outside-the-mask term (default: the model's, else 20)")
     p.add_argument("--tracking", choices=("l1", "l2"))
     p.add_argument("--w-mode", choices=("w", "w+"))
     p.add_argument("--feature-block", type=int, metavar="RES", help="synthesis block (by resolution) for features")

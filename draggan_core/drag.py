@@ -45,7 +45,7 @@ class DragConfig:
     lr: float | None = None
     r1: float | None = None            # motion-supervision disc radius, image pixels
     r2: int | None = None              # point-tracking half window, image pixels
-    lambda_mask: float = 20.0
+    lambda_mask: float | None = None   # weight of the keep-outside-the-mask term
     feature_res: int | None = None     # feature block by resolution; default 6th block or the last
     track_res: int | None = None       # block whose features track the handles (default: feature_res)
     num_optimized_ws: int | None = None  # style vectors optimised (paper: the first 6)
@@ -81,7 +81,9 @@ class DragConfig:
         if c.track_res not in blocks:
             raise ValueError(f"tracking block {c.track_res} does not exist; blocks are {blocks}")
         if c.lr is None:
-            c.lr = 1e-3 if official else md.get("lr", 2e-3)
+            # a model card may recommend a different lr when several handles must settle together
+            lr_key = "lr_multi_point" if num_points > 1 and "lr_multi_point" in md else "lr"
+            c.lr = 1e-3 if official else md.get(lr_key, 2e-3)
         if c.r1 is None:
             c.r1 = round(3 * res / 512) if official else md.get("r1", max(3 * res / 512, 2.0))
         if c.r2 is None:
@@ -98,6 +100,8 @@ class DragConfig:
             c.subpixel = False if official else bool(md.get("subpixel", False))
         if c.adaptive_step is None:
             c.adaptive_step = False if official else bool(md.get("adaptive_step", False))
+        if c.lambda_mask is None:
+            c.lambda_mask = 20.0 if official else float(md.get("lambda_mask", 20.0))
         if c.stop_distance is None:
             paper_rule = 1.0 if num_points <= 5 else 2.0
             c.stop_distance = max(2 * res / 512, 2.0) if official else md.get("stop_distance", paper_rule)

@@ -261,3 +261,23 @@ def test_tracking_block_can_differ_and_changing_it_between_runs_is_safe(G, w0):
     bad.add_pair((30, 28), (36, 28))
     with pytest.raises(ValueError, match="tracking block"):
         list(bad.run(max_steps=1))
+
+
+def test_mask_weight_comes_from_the_model_unless_set(G):
+    """lambda_mask follows the model card (the embedded model needs a much smaller weight than the
+    paper's), an explicit value wins, and --compat official keeps the official weight."""
+    card = {"lambda_mask": 1.5}
+    assert DragConfig().resolve(G, 1, card).lambda_mask == 1.5
+    assert DragConfig().resolve(G, 1, {}).lambda_mask == 20.0
+    assert DragConfig(lambda_mask=7.0).resolve(G, 1, card).lambda_mask == 7.0
+    assert DragConfig(compat="official", r1=3, r2=12).resolve(G, 1, card).lambda_mask == 20.0
+    with pytest.raises(ValueError):
+        DragConfig(lambda_mask=-1.0).resolve(G, 1, card)
+
+
+def test_model_card_may_set_a_multi_point_lr(G):
+    card = {"lr": 4e-3, "lr_multi_point": 3e-3}
+    assert DragConfig().resolve(G, 1, card).lr == 4e-3
+    assert DragConfig().resolve(G, 5, card).lr == 3e-3
+    assert DragConfig().resolve(G, 5, {"lr": 4e-3}).lr == 4e-3
+    assert DragConfig(lr=1e-2).resolve(G, 5, card).lr == 1e-2

@@ -55,14 +55,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if srv.cut_after is not None:  # simulate a dropped connection mid-transfer
             chunk = chunk[: srv.cut_after]
             srv.cut_after = None
+            srv.sent_bytes += len(chunk)  # counted before sending: the client may finish first
             self.wfile.write(chunk)
             self.wfile.flush()
-            srv.sent_bytes += len(chunk)
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
-        self.wfile.write(chunk)
         srv.sent_bytes += len(chunk)
+        self.wfile.write(chunk)
 
 
 @pytest.fixture

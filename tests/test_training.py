@@ -68,3 +68,17 @@ def test_schedule_stages_override_by_step(tmp_path):
     assert train_embedded.stage_for(3, args).part_scale == "1,2,3,1"
     state = _run(tmp_path / "run", 3, ["--schedule", str(sched)])
     assert state["step"] == 3
+
+
+def test_render_workers_and_stage_batch_give_the_same_run(tmp_path):
+    """Batches rendered by worker processes (the GPU path) equal those rendered in-process, and a
+    schedule stage's own batch size is used and counted in the state's image total."""
+    import json
+    sched = tmp_path / "s.json"
+    sched.write_text(json.dumps({"stages": [{"until_step": 2, "lr": 1e-3},
+                                            {"until_step": 99, "lr": 1e-3, "batch": 6}]}))
+    inline = _run(tmp_path / "inline", 3, ["--schedule", str(sched)])
+    workers = _run(tmp_path / "workers", 3, ["--schedule", str(sched), "--workers", "2"])
+    assert inline["images"] == workers["images"] == 2 * 4 + 6
+    for k, v in inline["G_ema"].items():
+        assert torch.equal(v, workers["G_ema"][k]), k

@@ -23,7 +23,7 @@ def main(argv=None):
     state = torch.load(args.state, weights_only=True)
     G_ema = Generator(GeneratorConfig.from_json(state["config"]))
     G_ema.load_state_dict(state["G_ema"])
-    export_model(G_ema, args.out, int(state["step"]), float(state["seconds"]))
+    export_model(G_ema, args.out, int(state["step"]), float(state["seconds"]), images=state.get("images"))
     print(f"wrote {args.out} (step {state['step']}, {state['seconds'] / 60:.1f} min of training)")
 
 

@@ -11,8 +11,10 @@ Batches are a pure function of the step index, so a resumed run sees the same da
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -27,8 +29,9 @@ from draggan_core.checkpoints import save_native
 from draggan_core.networks import Generator, GeneratorConfig
 from training import faces
 
-HELD_OUT_SEED = 1_000_003
-MAX_STEP_SECONDS = 3.0  # z for evaluation come from this seed; training seeds are step indices
+HELD_OUT_SEED = 1_000_003  # z for evaluation come from this seed; training seeds are step indices
+RENDER_TIMEOUT_S = 120     # a render worker that has not answered in this long is dead or stuck
+MAX_STEP_SECONDS = 3.0
 
 
 def embedded_config() -> GeneratorConfig:
@@ -46,13 +49,13 @@ DRAG_DEFAULTS_FILE = Path(__file__).with_name("embedded_drag_defaults.json")
 
 
 @torch.no_grad()
-def export_model(G_ema: Generator, path, step: int, seconds: float, dtype=torch.float16):
+def export_model(G_ema: Generator, path, step: int, seconds: float, dtype=torch.float16, images: int | None = None):
     """Write the shipped checkpoint: w_avg set to the mean W (truncation needs it), fp16 weights,
     training facts and the drag defaults chosen by the evaluation sweep in the metadata."""
-    z = torch.from_numpy(faces.sample_z(8192, seed=HELD_OUT_SEED + 1))
+    z = torch.from_numpy(faces.sample_z(8192, seed=HELD_OUT_SEED + 1)).to(G_ema.mapping.w_avg.device)
     G_ema.mapping.w_avg.copy_(G_ema.mapping(z)[:, 0].mean(dim=0))
     meta = {"training_steps": str(step), "training_minutes": f"{seconds / 60:.1f}",
-            "training_images": str(step * 16), "renderer": "training/faces.py"}
+            "training_images": str(images if images is not None else step * 16), "renderer": "training/faces.py"}
     if DRAG_DEFAULTS_FILE.exists():
         meta["drag_defaults"] = DRAG_DEFAULTS_FILE.read_text()
     save_native(G_ema, path, dtype=dtype, extra_metadata=meta)
@@ -64,7 +67,7 @@ def compact_state(state: dict) -> dict:
     def cast(sd, dtype):
         return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in sd.items()}
     opt = dict(state["opt"])
-    opt["state"] = {k: cast(v, torch.bfloat16) for k, v in opt["state"].items()}
+    opt["state"] = {k: {**cast(v, torch.bfloat16), "step": v["step"]} for k, v in opt["state"].items()}
     return {**state, "G": cast(state["G"], torch.float16), "G_ema": cast(state["G_ema"], torch.float16), "opt": opt}
 
 
@@ -78,6 +81,55 @@ def render_batch(z: np.ndarray, part_gains=(1.0, 1.0, 1.0, 1.0)):
     return images, weights
 
 
+def _ignore_stop_signals():
+    # render workers must outlive a SIGTERM/SIGINT so the trainer can finish its step and save
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def _render_task(batch: int, seed: int, part_scale: str):
+    z = faces.sample_z(batch, seed=seed)
+    real, part_weight = render_batch(z, parse_part_scale(part_scale))
+    return z, real, part_weight
+
+
+class BatchStream:
+    """Training batches for steps start, start+1, ...: rendered in this process, or by `workers`
+    processes with a bounded look-ahead (a GPU consumes batches faster than one core renders them).
+    The result is the same either way: batch `step` is z = sample_z(batch, seed=step) and its render."""
+
+    def __init__(self, start: int, settings, workers: int = 0, lookahead: int = 4):
+        self.next_step, self.settings, self.pending = start, settings, collections.deque()
+        self.pool = None
+        if workers > 0:
+            self.pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_stop_signals)
+            self.depth = lookahead * workers
+
+    def _task(self, step):
+        stage = self.settings(step)
+        return stage.batch, step, stage.part_scale
+
+    def get(self):
+        if self.pool is None:
+            out = _render_task(*self._task(self.next_step))
+            self.next_step += 1
+            return out
+        while len(self.pending) < self.depth:
+            self.pending.append(self.pool.apply_async(_render_task, self._task(self.next_step)))
+            self.next_step += 1
+        try:
+            return self.pending.popleft().get(timeout=RENDER_TIMEOUT_S)
+        except multiprocessing.TimeoutError:
+            raise RuntimeError(f"no batch from the render workers in {RENDER_TIMEOUT_S} s: a worker died or "
+                               "hangs; rerun with --workers 0 to render in this process") from None
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
 def regression_loss(fake, real, part_weight, part_gain):
     weight = 1.0 + part_gain * part_weight
     full = ((fake - real).abs() * weight).sum() / (weight.sum() * fake.shape[1])
@@ -87,7 +139,7 @@ def regression_loss(fake, real, part_weight, part_gain):
 
 @torch.no_grad()
 def evaluate(G_ema, z_eval, real_eval):
-    fake = torch.cat([G_ema(z, fused=False) for z in z_eval.split(32)])
+    fake = torch.cat([G_ema(z, fused=False) for z in z_eval.split(32)]).cpu()
     mse = ((fake.clamp(-1, 1) - real_eval) / 2).square().mean(dim=[1, 2, 3])  # images in [0,1] units
     psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
     l1 = ((fake.clamp(-1, 1) - real_eval).abs().mean() * 127.5).item()
@@ -135,7 +187,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/embedded")
     p.add_argument("--minutes", type=float, default=360.0, help="total training wall-time budget (all resumes)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests, smoke runs)")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=16, help="images per step (a --schedule stage may set its own)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--decay-start", type=int, default=None, help="step where the lr starts decaying linearly")
     p.add_argument("--decay-end", type=int, default=None, help="step where the lr reaches 10%% of --lr")
@@ -143,12 +195,15 @@ def main(argv=None):
     p.add_argument("--part-scale", default="1,1,1,1", metavar="E,B,N,M",
                    help="per-part multipliers of --part-gain for eyes, brows, nose, mouth")
     p.add_argument("--schedule", default=None, metavar="JSON",
-                   help="stages [{until_step, lr, decay_start, decay_end, part_scale}, ...] overriding those "
+                   help="stages [{until_step, lr, decay_start, decay_end, part_scale, batch}, ...] overriding those "
                         "options per step range, e.g. training/embedded_schedule.json (the shipped run)")
     p.add_argument("--ema-kimg", type=float, default=2.0, help="G_ema half-life in thousands of images")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--save-every-min", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when available)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="render batches in this many worker processes (0: in the training process)")
     p.add_argument("--resume-state", default=None, metavar="PATH",
                    help="state to continue from when OUT/last.pt does not exist yet, e.g. the committed "
                         "training/state/embedded-last.pt")
@@ -161,36 +216,44 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its kernels
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = embedded_config()
     G = Generator(cfg, trainable=True)
     G_ema = Generator(cfg)
     G_ema.load_state_dict(G.state_dict())
+    G.to(device)
+    G_ema.to(device)
     opt = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.9, 0.99))
-    step, seconds = 0, 0.0
+    step, seconds, images = 0, 0.0, 0
     ckpt_path = out / "last.pt"
     source = ckpt_path if ckpt_path.exists() else Path(args.resume_state) if args.resume_state else None
     if source is not None and source.exists():
-        state = torch.load(source, weights_only=True)
+        state = torch.load(source, weights_only=True, map_location="cpu")  # the optimiser moves its state
         G.load_state_dict(state["G"])
         G_ema.load_state_dict(state["G_ema"])
+        for param_state in state["opt"]["state"].values():  # older compact states hold a bf16 step count
+            param_state["step"] = param_state["step"].float()
         opt.load_state_dict(state["opt"])
         step, seconds = int(state["step"]), float(state["seconds"])
+        images = int(state.get("images", step * 16))  # states before per-stage batches ran at 16
         print(f"resumed from {source}: step {step}, {seconds / 60:.1f} min trained", file=sys.stderr)
 
     z_eval = torch.from_numpy(faces.sample_z(64, HELD_OUT_SEED))
     real_eval, _ = render_batch(z_eval.numpy())
-    ema_beta = 0.5 ** (args.batch / (args.ema_kimg * 1000))
+    z_eval = z_eval.to(device)
     log = open(out / "log.jsonl", "a")
 
     def save():
         tmp = out / "last.pt.tmp"
         torch.save({"G": G.state_dict(), "G_ema": G_ema.state_dict(), "opt": opt.state_dict(),
-                    "step": step, "seconds": seconds, "config": cfg.to_json()}, tmp)
+                    "step": step, "seconds": seconds, "images": images, "config": cfg.to_json()}, tmp)
         os.replace(tmp, ckpt_path)
         if args.export:
-            export_model(G_ema, args.export, step, seconds)
+            export_model(G_ema, args.export, step, seconds, images=images)
 
     stopping = False
 
@@ -206,37 +269,40 @@ def main(argv=None):
                desc="train", file=sys.stderr, mininterval=2 if sys.stderr.isatty() else 30, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}] {postfix}")
     last_save = time.time()
     psnr = float("nan")
+    stream = BatchStream(step, lambda i: stage_for(i, args), workers=args.workers)
     while seconds < budget and not stopping and (args.max_steps is None or step < args.max_steps):
         t0 = time.time()
         stage = stage_for(step, args)
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, stage)
-        z = faces.sample_z(args.batch, seed=step)
-        real, part_weight = render_batch(z, parse_part_scale(stage.part_scale))
-        fake = G(torch.from_numpy(z), fused=False)
-        loss = regression_loss(fake, real, part_weight, args.part_gain)
+        z, real, part_weight = stream.get()
+        fake = G(torch.from_numpy(z).to(device), fused=False)
+        loss = regression_loss(fake, real.to(device), part_weight.to(device), args.part_gain)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        ema_beta = 0.5 ** (len(z) / (args.ema_kimg * 1000))
         with torch.no_grad():
-            for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-                p_ema.lerp_(p, 1 - ema_beta)
+            torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1 - ema_beta)
         step += 1
+        images += len(z)
         # a step longer than MAX_STEP_SECONDS was suspended (SIGSTOP, laptop sleep): count it as capped
         dt = min(time.time() - t0, MAX_STEP_SECONDS)
         seconds += dt
         bar.update(dt)
         if step % args.eval_every == 0:
             psnr, l1, fake_eval = evaluate(G_ema, z_eval, real_eval)
-            log.write(json.dumps({"step": step, "kimg": step * args.batch / 1000, "minutes": seconds / 60,
-                                  "loss": loss.item(), "psnr": psnr, "l1": l1}) + "\n")
+            log.write(json.dumps({"step": step, "kimg": images / 1000, "minutes": seconds / 60,
+                                  "loss": loss.item(), "psnr": psnr, "l1": l1, "device": device.type}) + "\n")
             log.flush()
             save_grid(out / "samples_latest.png", real_eval, fake_eval)
-        bar.set_postfix_str(f"step {step} loss {loss.item():.4f} psnr {psnr:.2f}dB")
+        if step % 20 == 0:  # loss.item() waits for the device: not every step
+            bar.set_postfix_str(f"step {step} loss {loss.item():.4f}" + (f" psnr {psnr:.2f}dB" if psnr == psnr else ""))
         if time.time() - last_save > args.save_every_min * 60:
             save()
             last_save = time.time()
     bar.close()
+    stream.close()
     save()
     psnr, l1, fake_eval = evaluate(G_ema, z_eval, real_eval)
     save_grid(out / "samples_latest.png", real_eval, fake_eval)

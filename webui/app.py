@@ -180,7 +180,7 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
                         gr.Markdown("Blank fields use the model's defaults.")
                         with gr.Row():
                             lr = gr.Textbox(label="learning rate", value="", placeholder="model default", elem_id="lr")
-                            lam = gr.Number(label="mask lambda", value=20, minimum=0, elem_id="lambda")
+                            lam = gr.Textbox(label="mask lambda", value="", placeholder="model default", elem_id="lambda")
                         with gr.Row():
                             r1 = gr.Textbox(label="r1 (motion radius, px)", value="", placeholder="model default", elem_id="r1")
                             r2 = gr.Textbox(label="r2 (tracking radius, px)", value="", placeholder="model default",

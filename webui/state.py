@@ -445,7 +445,7 @@ class EditorState:
             raise UIError("latent space must be W or W+")
         new = DragConfig(
             lr=num(lr, "learning rate", 1e-6, 0.5), r1=num(r1, "r1", 0.5, 64), r2=num(r2, "r2", 1, 64, integer=True),
-            lambda_mask=cfg.lambda_mask if lam is None else lam,
+            lambda_mask=lam,
             feature_res=cfg.feature_res, num_optimized_ws=cfg.num_optimized_ws, w_mode=w_mode,
             tracking=tracking, stop_distance=num(stop_distance, "stop distance", 0, 64), max_steps=steps,
             noise_mode=cfg.noise_mode, display_every=0, compat=cfg.compat, windowed=cfg.windowed)
@@ -493,7 +493,7 @@ class EditorState:
             v = getattr(cfg, name)
             if v is not None:
                 settings[name] = v
-        if s.mask is not None:
+        if s.mask is not None and cfg.lambda_mask is not None:
             settings["lambda_mask"] = cfg.lambda_mask
         latent = None
         if self.latent_source != "seed":

@@ -3,8 +3,9 @@
 # sweep drag settings on validation pairs with its CPU cores. Writes everything to $OUT.
 # A probe measures the step rate first, so the new stage's length (and its lr decay) fits the time cap.
 # Status: tried once (2026-11-26, H200): the probe hung with no output until the call's limit; the
-# cause was not found (the same command with 14 workers runs on this 2-core CPU). Render workers now
-# time out with a clear error (RENDER_TIMEOUT_S) instead of hanging; not yet verified on a GPU.
+# cause was not found (the same command with 14 workers runs on this 2-core CPU). Since then the
+# workers return numpy arrays (torch tensors travel through shared-memory file descriptors, a suspect
+# on sandboxed machines) and time out with a clear error (RENDER_TIMEOUT_S); not yet verified on a GPU.
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 GRADIO_ANALYTICS_ENABLED=False
 TRAIN_SECONDS=${TRAIN_SECONDS:-270}

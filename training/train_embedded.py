@@ -91,7 +91,9 @@ def _ignore_stop_signals():
 def _render_task(batch: int, seed: int, part_scale: str):
     z = faces.sample_z(batch, seed=seed)
     real, part_weight = render_batch(z, parse_part_scale(part_scale))
-    return z, real, part_weight
+    # numpy, not tensors: torch sends tensors between processes through shared-memory file
+    # descriptors, which sandboxed machines may not support; plain pickled arrays always work
+    return z, real.numpy(), part_weight.numpy()
 
 
 class BatchStream:
@@ -111,18 +113,20 @@ class BatchStream:
         return stage.batch, step, stage.part_scale
 
     def get(self):
+        """(z [N, PARAM_DIM] numpy, images [N,3,H,W], part weights [N,1,H,W]) for the next step."""
         if self.pool is None:
-            out = _render_task(*self._task(self.next_step))
+            z, real, part_weight = _render_task(*self._task(self.next_step))
             self.next_step += 1
-            return out
-        while len(self.pending) < self.depth:
-            self.pending.append(self.pool.apply_async(_render_task, self._task(self.next_step)))
-            self.next_step += 1
-        try:
-            return self.pending.popleft().get(timeout=RENDER_TIMEOUT_S)
-        except multiprocessing.TimeoutError:
-            raise RuntimeError(f"no batch from the render workers in {RENDER_TIMEOUT_S} s: a worker died or "
-                               "hangs; rerun with --workers 0 to render in this process") from None
+        else:
+            while len(self.pending) < self.depth:
+                self.pending.append(self.pool.apply_async(_render_task, self._task(self.next_step)))
+                self.next_step += 1
+            try:
+                z, real, part_weight = self.pending.popleft().get(timeout=RENDER_TIMEOUT_S)
+            except multiprocessing.TimeoutError:
+                raise RuntimeError(f"no batch from the render workers in {RENDER_TIMEOUT_S} s: a worker died or "
+                                   "hangs; rerun with --workers 0 to render in this process") from None
+        return z, torch.from_numpy(real), torch.from_numpy(part_weight)
 
     def close(self):
         if self.pool is not None:

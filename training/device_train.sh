@@ -14,31 +14,29 @@ START=33979
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader || true
 python3 -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__, torch.cuda.is_available())"
 STAGE='{"lr": 0.002, "decay_start": 34500, "part_scale": "1,2,4,2", "batch": 32}'
+write_schedule() {  # $1: steps in the new stage (its lr decays over them), $2: output file
 python3 -c "
-import json; sch = json.load(open('training/embedded_schedule.json')); sch['stages'][-1]['until_step'] = $START
-sch['stages'].append(dict(json.loads('$STAGE'), until_step=1000000, decay_end=$START + 20000))
-json.dump(sch, open('/tmp/probe_schedule.json', 'w'))"
+import json; sch = json.load(open('training/embedded_schedule.json'))
+sch['stages'][-1]['until_step'] = $START  # the shipped run ends here; the GPU stage follows
+sch['stages'].append(dict(json.loads('$STAGE'), until_step=1000000, decay_end=$START + $1))
+json.dump(sch, open('$2', 'w'), indent=1)"
+}
+write_schedule $MAX_STEPS_STAGE /tmp/probe_schedule.json
 common="--resume-state training/state/embedded-last.pt --device ${DEVICE:-cuda} --workers ${WORKERS:-14} --threads 2 --eval-every 1000"
 # the whole probe log goes to $OUT (a hang must leave evidence), with its own time limit
 timeout -s INT 150 python3 -X faulthandler -m training.train_embedded --out /tmp/probe $common \
     --schedule /tmp/probe_schedule.json --max-steps $((START + 300)) --save-every-min 100 > $OUT/probe.log 2>&1
 tail -c 2000 $OUT/probe.log
 n=$(python3 - <<PY
-import torch
-s = torch.load("/tmp/probe/last.pt", weights_only=True, map_location="cpu")
-per_step = (s["seconds"] - 10949.873474502563) / 300
+import sys, torch
+seconds = lambda path: torch.load(path, weights_only=True, map_location="cpu")["seconds"]
+per_step = (seconds("/tmp/probe/last.pt") - seconds("training/state/embedded-last.pt")) / 300
 print(min($MAX_STEPS_STAGE, int($TRAIN_SECONDS / per_step) // 100 * 100), end="")
-import sys; print(f" probe: {per_step * 1000:.1f} ms/step", file=sys.stderr)
+print(f" probe: {per_step * 1000:.1f} ms/step", file=sys.stderr)
 PY
 )
 echo "stage steps: $n"
-python3 - <<PY
-import json
-sch = json.load(open("training/embedded_schedule.json"))
-sch["stages"][-1]["until_step"] = $START  # the shipped run ends here; the GPU stage follows
-sch["stages"].append(dict($STAGE, until_step=1000000, decay_end=$START + $n))
-json.dump(sch, open("$OUT/schedule.json", "w"), indent=1)
-PY
+write_schedule $n $OUT/schedule.json
 cat $OUT/schedule.json
 timeout -s INT $((TRAIN_SECONDS + 120)) python3 -m training.train_embedded --out /tmp/run $common \
     --schedule $OUT/schedule.json --max-steps $((START + n)) --save-every-min 1 \

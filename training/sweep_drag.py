@@ -65,7 +65,7 @@ def main(argv=None):
     G = load_generator(args.model)
     detector = load_detector()
     grid = {k: v for k, v in GRID.items() if args.only is None or k in args.only.split(",")}
-    grid = {k: v for k, v in grid.items() if k not in fixed}
+    grid = {k: v for k, v in grid.items() if k not in fixed and (args.mask or k != "lambda_mask")}
     keys = list(grid)
     base_defaults = {**json.loads(DRAG_DEFAULTS_FILE.read_text()), **fixed}
     if args.quick:  # the current defaults, then one setting changed at a time

@@ -81,7 +81,7 @@ def render_batch(z: np.ndarray, part_gains=(1.0, 1.0, 1.0, 1.0)):
     return images, weights
 
 
-def _ignore_stop_signals():
+def _init_render_worker():
     # render workers must outlive a SIGTERM/SIGINT so the trainer can finish its step and save
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -105,7 +105,7 @@ class BatchStream:
         self.next_step, self.settings, self.pending = start, settings, collections.deque()
         self.pool = None
         if workers > 0:
-            self.pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_stop_signals)
+            self.pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_render_worker)
             self.depth = lookahead * workers
 
     def _task(self, step):
@@ -301,7 +301,7 @@ def main(argv=None):
             log.flush()
             save_grid(out / "samples_latest.png", real_eval, fake_eval)
         if step % 20 == 0:  # loss.item() waits for the device: not every step
-            bar.set_postfix_str(f"step {step} loss {loss.item():.4f}" + (f" psnr {psnr:.2f}dB" if psnr == psnr else ""))
+            bar.set_postfix_str(f"step {step} loss {loss.item():.4f}" + ("" if math.isnan(psnr) else f" psnr {psnr:.2f}dB"))
         if time.time() - last_save > args.save_every_min * 60:
             save()
             last_save = time.time()

@@ -213,3 +213,21 @@ def test_mirrored_detection_is_exactly_flip_equivariant():
     assert (back - d.points).abs().max() < 1e-4
     single = LandmarkDetector.load(flip=False)(images)
     assert (single.points - d.points).abs().max() > 1e-3  # the augmentation does change the points
+
+
+@needs_detector
+def test_shift_averaging_lowers_the_error_on_held_out_renders():
+    from training import faces
+    batch = faces.render(faces.sample_z(48, 30000001))
+    images, truth = torch.from_numpy(batch.images), torch.from_numpy(batch.landmarks)
+    visible = torch.from_numpy(batch.visible)
+    errors = {shift: (LandmarkDetector.load(shift=shift)(images).points - truth).norm(dim=-1)[visible].mean().item()
+              for shift in (False, True)}
+    assert errors[True] < 0.9 * errors[False], errors  # 0.220 -> 0.170 px on 500 renders
+    # a shifted copy must be detected with its points shifted back: a one-pixel move of the content
+    # moves the detections by one pixel
+    from draggan_core.landmark_net import _shift_image
+    det = LandmarkDetector.load(shift=False)
+    moved = det(_shift_image(images[:8], 1, -1)).points - det(images[:8]).points
+    inner = (truth[:8] > 4).all(-1) & (truth[:8] < 59).all(-1) & visible[:8]
+    assert (moved[inner].mean(0) - torch.tensor([1.0, -1.0])).abs().max() < 0.15

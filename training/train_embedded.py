@@ -130,6 +130,10 @@ class BatchStream:
 
     def close(self):
         if self.pool is not None:
+            # let the look-ahead finish first: Pool.terminate deadlocks when a worker is blocked writing a
+            # large result to a pipe nobody reads any more (seen on a GPU machine: the trainer hung here)
+            for pending in self.pending:
+                pending.wait(RENDER_TIMEOUT_S)
             self.pool.terminate()
             self.pool.join()
 
@@ -306,8 +310,8 @@ def main(argv=None):
             save()
             last_save = time.time()
     bar.close()
+    save()  # before closing the render workers, so that a hang there cannot lose the state
     stream.close()
-    save()
     psnr, l1, fake_eval = evaluate(G_ema, z_eval, real_eval)
     save_grid(out / "samples_latest.png", real_eval, fake_eval)
     print(f"stopped at step {step} ({seconds / 60:.1f} min): held-out PSNR {psnr:.2f} dB, L1 {l1:.2f}/255",

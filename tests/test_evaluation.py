@@ -231,3 +231,17 @@ def test_shift_averaging_lowers_the_error_on_held_out_renders():
     moved = det(_shift_image(images[:8], 1, -1)).points - det(images[:8]).points
     inner = (truth[:8] > 4).all(-1) & (truth[:8] < 59).all(-1) & visible[:8]
     assert (moved[inner].mean(0) - torch.tensor([1.0, -1.0])).abs().max() < 0.15
+
+
+@needs_detector
+def test_model_metrics_quick_run_reports_every_metric():
+    from draggan_core.checkpoints import load_generator
+    from draggan_core.models import default_model_path
+    from training.model_metrics import compute_metrics
+    m = compute_metrics(load_generator(default_model_path()), LandmarkDetector.load(), n=12, drag_edits=0, log=lambda *a: None)
+    assert np.isfinite(m["psnr_db"]) and m["psnr_db"] > 15
+    for part in ("eyes", "brows", "nose", "mouth", "all_parts"):
+        assert 0 <= m["parts"][part] <= 1 and 0 <= m["parts_reference"]["renders"][part] <= 1
+        rate = m["parts_where_render_passes"][part]
+        assert np.isnan(rate) or 0 <= rate <= 1
+    assert m["parts_reference"]["renders"]["eyes"] > m["parts_reference"]["untrained_generator"]["eyes"]

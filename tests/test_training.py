@@ -82,3 +82,22 @@ def test_render_workers_and_stage_batch_give_the_same_run(tmp_path):
     assert inline["images"] == workers["images"] == 2 * 4 + 6
     for k, v in inline["G_ema"].items():
         assert torch.equal(v, workers["G_ema"][k]), k
+
+
+def test_render_workers_close_with_a_full_look_ahead():
+    """Closing the stream while large batches are still being rendered or written must return and
+    leave no worker behind (Pool.terminate could hang here: the workers ignore SIGTERM)."""
+    import argparse
+    import multiprocessing
+    import threading
+    import time
+    stage = argparse.Namespace(batch=96, part_scale="1,1,1,1")
+    stream = train_embedded.BatchStream(0, lambda step: stage, workers=2, lookahead=3)
+    z, real, _ = stream.get()
+    assert real.shape == (96, 3, 64, 64)
+    time.sleep(1.0)  # the workers fill the look-ahead (about 5 MB per batch) while nobody reads
+    closer = threading.Thread(target=stream.close, daemon=True)
+    closer.start()
+    closer.join(timeout=120)
+    assert not closer.is_alive(), "BatchStream.close hangs"
+    assert stream.pool is None and not multiprocessing.active_children()

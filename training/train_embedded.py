@@ -129,13 +129,21 @@ class BatchStream:
         return z, torch.from_numpy(real), torch.from_numpy(part_weight)
 
     def close(self):
-        if self.pool is not None:
-            # let the look-ahead finish first: Pool.terminate deadlocks when a worker is blocked writing a
-            # large result to a pipe nobody reads any more (seen on a GPU machine: the trainer hung here)
-            for pending in self.pending:
-                pending.wait(RENDER_TIMEOUT_S)
-            self.pool.terminate()
+        if self.pool is None:
+            return
+        # The workers ignore SIGTERM (a Ctrl-C or a SIGTERM to the process group must not kill them
+        # mid-step), so Pool.terminate cannot stop one that is busy: on a GPU machine it waited forever
+        # for a worker blocked writing a 6 MB batch to a pipe nobody read any more. So let the
+        # look-ahead finish, then let the idle workers exit normally.
+        for pending in self.pending:
+            pending.wait(RENDER_TIMEOUT_S)
+        if all(pending.ready() for pending in self.pending):
+            self.pool.close()
             self.pool.join()
+        else:  # a worker hangs: its batch is not needed any more, and waiting for it would hang us too
+            for child in multiprocessing.active_children():
+                child.kill()
+        self.pool = None
 
 
 def regression_loss(fake, real, part_weight, part_gain):

@@ -102,3 +102,19 @@ def test_render_workers_close_with_a_full_look_ahead():
     closer.join(timeout=120)
     assert not closer.is_alive(), "BatchStream.close hangs"
     assert stream.pool is None and set(multiprocessing.active_children()) <= before
+
+
+def test_part_l2_adds_a_squared_error_on_the_part_regions_only():
+    torch.manual_seed(0)
+    real = torch.rand(2, 3, 8, 8) * 2 - 1
+    fake = real.clone()
+    part = torch.zeros(2, 1, 8, 8)
+    part[:, :, 2:4, 2:4] = 1.0
+    fake[:, :, 6, 6] += 0.5  # an error outside the parts: the L2 term ignores it
+    base = train_embedded.regression_loss(fake, real, part, 8.0)
+    assert train_embedded.regression_loss(fake, real, part, 8.0, part_l2=4.0) == pytest.approx(base.item())
+    fake[:, :, 2, 2] -= 0.5  # inside a part: now the squared error counts
+    with_l2 = train_embedded.regression_loss(fake, real, part, 8.0, part_l2=4.0)
+    without = train_embedded.regression_loss(fake, real, part, 8.0)
+    expected_extra = 4.0 * (0.25 * 2 * 3) / (part.sum() * 3)
+    assert (with_l2 - without).item() == pytest.approx(expected_extra.item(), rel=1e-5)

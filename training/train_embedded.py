@@ -146,10 +146,14 @@ class BatchStream:
         self.pool = None
 
 
-def regression_loss(fake, real, part_weight, part_gain):
+def regression_loss(fake, real, part_weight, part_gain, part_l2: float = 0.0):
     weight = 1.0 + part_gain * part_weight
     full = ((fake - real).abs() * weight).sum() / (weight.sum() * fake.shape[1])
     half = F.l1_loss(F.avg_pool2d(fake, 2), F.avg_pool2d(real, 2))
+    if part_l2 > 0:
+        # L1's optimum is the median: a 1-px dark dot whose position G cannot pin down is dropped
+        # (skin everywhere); a squared error on the part regions prefers a blurred, darker dot
+        full = full + part_l2 * ((fake - real).square() * part_weight).sum() / (part_weight.sum() * fake.shape[1] + 1e-8)
     return full + half
 
 
@@ -210,6 +214,8 @@ def main(argv=None):
     p.add_argument("--part-gain", type=float, default=8.0, help="extra L1 weight on eyes/brows/nose/mouth")
     p.add_argument("--part-scale", default="1,1,1,1", metavar="E,B,N,M",
                    help="per-part multipliers of --part-gain for eyes, brows, nose, mouth")
+    p.add_argument("--part-l2", type=float, default=0.0,
+                   help="weight of an extra squared error on the part regions (a stage may set part_l2)")
     p.add_argument("--schedule", default=None, metavar="JSON",
                    help="stages [{until_step, lr, decay_start, decay_end, part_scale, batch}, ...] overriding those "
                         "options per step range, e.g. training/embedded_schedule.json (the shipped run)")
@@ -293,7 +299,8 @@ def main(argv=None):
             group["lr"] = learning_rate(step, stage)
         z, real, part_weight = stream.get()
         fake = G(torch.from_numpy(z).to(device), fused=False)
-        loss = regression_loss(fake, real.to(device), part_weight.to(device), args.part_gain)
+        loss = regression_loss(fake, real.to(device), part_weight.to(device), args.part_gain,
+                               getattr(stage, "part_l2", args.part_l2))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

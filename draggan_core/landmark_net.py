@@ -200,10 +200,9 @@ class LandmarkDetector:
                 chunk = F.interpolate(chunk, size=(res, res), mode="area" if h > res else "bilinear",
                                       align_corners=None if h > res else False)
             views = [self._detect_view(_shift_image(chunk, dx, dy), dx, dy) for dx, dy in self.shifts]
-            outs.append({"points": sum(v["points"] for v in views) / len(views),
-                         "spread": sum(v["spread"] for v in views) / len(views),
-                         "vis_logit": sum(v["vis_logit"] for v in views) / len(views),
-                         "features": views[0]["features"]})  # the KID-lm embedding stays single-view
+            out = {k: sum(v[k] for v in views) / len(views) for k in ("points", "spread", "vis_logit")}
+            out["features"] = views[0]["features"]  # the KID-lm embedding stays single-view
+            outs.append(out)
         scale = h / res
         points = torch.cat([o["points"] for o in outs]).cpu()
         points = (points + 0.5) * scale - 0.5

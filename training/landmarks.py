@@ -187,11 +187,8 @@ def held_out_summary(clean: dict, blurred: dict, n: int) -> dict:
 def remeasure(path: Path, n: int, threads: int) -> int:
     """Rewrite a detector file's held-out numbers for the current test-time augmentation, keeping
     the weights and the training record, plus the numbers without shifts and without any augmentation."""
-    from safetensors import safe_open
     torch.set_num_threads(threads)
     det = LandmarkDetector.load(path)
-    with safe_open(str(path), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
     training = json.loads(det.meta["training"])
     clean = held_out_error(det.net, n)
     blurred = held_out_error(det.net, n, blur=1.0)
@@ -202,11 +199,9 @@ def remeasure(path: Path, n: int, threads: int) -> int:
                      "mirror_only_perfect_edit_floor_px": round(mirror_only["perfect_edit_floor_px"], 4),
                      "single_view_mean_px": round(single["mean_px"], 4),
                      "single_view_perfect_edit_floor_px": round(single["perfect_edit_floor_px"], 4)})
-    net = LandmarkNet(det.net.cfg)
-    net.load_state_dict({k: v.float() for k, v in state.items()})
     extra = {k: v for k, v in det.meta.items() if k not in ("format", "config")}
     extra.update(training=training, per_landmark_px=clean["per_landmark_px"])
-    save_detector(net, path, extra)
+    save_detector(det.net, path, extra)  # the loaded fp32 weights, written back unchanged
     print(json.dumps({k: training[k] for k in ("held_out_mean_px", "perfect_edit_floor_px", "mirror_only_mean_px",
                                                "mirror_only_perfect_edit_floor_px", "single_view_mean_px")}))
     return 0

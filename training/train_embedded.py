@@ -147,13 +147,14 @@ class BatchStream:
 
 
 def regression_loss(fake, real, part_weight, part_gain, part_l2: float = 0.0):
+    diff = fake - real
     weight = 1.0 + part_gain * part_weight
-    full = ((fake - real).abs() * weight).sum() / (weight.sum() * fake.shape[1])
+    full = (diff.abs() * weight).sum() / (weight.sum() * fake.shape[1])
     half = F.l1_loss(F.avg_pool2d(fake, 2), F.avg_pool2d(real, 2))
     if part_l2 > 0:
         # L1's optimum is the median: a 1-px dark dot whose position G cannot pin down is dropped
         # (skin everywhere); a squared error on the part regions prefers a blurred, darker dot
-        full = full + part_l2 * ((fake - real).square() * part_weight).sum() / (part_weight.sum() * fake.shape[1] + 1e-8)
+        full = full + part_l2 * (diff.square() * part_weight).sum() / (part_weight.sum() * fake.shape[1] + 1e-8)
     return full + half
 
 
@@ -299,8 +300,7 @@ def main(argv=None):
             group["lr"] = learning_rate(step, stage)
         z, real, part_weight = stream.get()
         fake = G(torch.from_numpy(z).to(device), fused=False)
-        loss = regression_loss(fake, real.to(device), part_weight.to(device), args.part_gain,
-                               getattr(stage, "part_l2", args.part_l2))
+        loss = regression_loss(fake, real.to(device), part_weight.to(device), args.part_gain, stage.part_l2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -233,3 +233,27 @@ def test_grayscale_model_renders_through_cli(tmp_path):
     from PIL import Image
     assert Image.open(out).mode == "L"
     assert np.load(tmp_path / "gray.npy").shape == (1, 8, 8)
+
+
+def test_shipped_embedded_models_load_and_carry_their_metadata():
+    """Every generator shipped in checkpoints/ (the default and the opt-in parts model) loads as a
+    native file within the size limit, carries its training record and drag defaults, and renders
+    finite 64 px faces; the model list puts the default first."""
+    import json
+    from draggan_core.checkpoints import read_native_metadata
+    from draggan_core.models import DEFAULT_MODEL_NAME, drag_defaults_of, list_local_models
+    repo_checkpoints = Path(__file__).resolve().parents[1] / "checkpoints"
+    models = list_local_models(repo_checkpoints)
+    if not models:
+        pytest.skip("no shipped models in checkpoints/")
+    assert models[0].name == DEFAULT_MODEL_NAME
+    assert "landmarks64.safetensors" not in [p.name for p in models]  # the detector is not a generator
+    for path in models:
+        assert path.stat().st_size <= 50 * 2**20
+        meta = read_native_metadata(path)
+        assert int(meta["training_steps"]) > 0 and int(meta["training_images"]) > 0
+        defaults = drag_defaults_of(path)
+        assert json.loads(meta["drag_defaults"]) == defaults and 0 < defaults["lr"] < 0.1
+        G = load_generator(path)
+        img = G.synthesis(seed_to_w(G, 3, psi=0.7))
+        assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()

@@ -218,7 +218,7 @@ def main(argv=None):
     p.add_argument("--part-l2", type=float, default=0.0,
                    help="weight of an extra squared error on the part regions (a stage may set part_l2)")
     p.add_argument("--schedule", default=None, metavar="JSON",
-                   help="stages [{until_step, lr, decay_start, decay_end, part_scale, batch}, ...] overriding those "
+                   help="stages [{until_step, lr, decay_start, decay_end, part_scale, batch, part_l2}, ...] overriding those "
                         "options per step range, e.g. training/embedded_schedule.json (the shipped run)")
     p.add_argument("--ema-kimg", type=float, default=2.0, help="G_ema half-life in thousands of images")
     p.add_argument("--eval-every", type=int, default=500)

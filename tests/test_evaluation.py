@@ -162,6 +162,22 @@ def test_part_checks_fail_on_blank_and_blurry_faces():
     assert part_checks(blurry, det)["all_parts"].mean() <= 0.25
 
 
+@needs_detector
+def test_mouth_check_sees_open_mouths():
+    """Open mouths show teeth, neither redder nor darker than the cheek everywhere: the check must
+    still find them (it missed 2 of these 16 before the teeth test), and blurring removes the teeth."""
+    from training import faces
+    from training.landmarks import gaussian_blur
+    from training.model_metrics import TEETH_RATIO, part_checks, part_scores
+    det = LandmarkDetector.load()
+    z = faces.sample_z(16, 424242)
+    z[:, faces.PARAM_NAMES.index("mouth_open")] = 2.5
+    imgs = torch.from_numpy(faces.render(z).images)
+    assert part_checks(imgs, det)["mouth"].all()
+    blurred = gaussian_blur(imgs, torch.full((16,), 2.5))
+    assert (part_scores(blurred, det)["teeth_ratio"] < TEETH_RATIO).all()
+
+
 @pytest.mark.slow
 @needs_detector
 def test_protocol_on_embedded_model():

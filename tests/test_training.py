@@ -70,6 +70,31 @@ def test_schedule_stages_override_by_step(tmp_path):
     assert state["step"] == 3
 
 
+def test_committed_schedules_are_consistent():
+    """The shipped schedule and the CPU-only 6-hour recipe: stages in step order, valid part scales and
+    decay windows, and the CPU recipe shares the shipped run's CPU stages (to step 33,979)."""
+    import argparse
+    import json
+    from pathlib import Path
+    folder = Path(train_embedded.__file__).parent
+    schedules = {p.name: json.loads(p.read_text())["stages"] for p in sorted(folder.glob("embedded_schedule*.json"))}
+    assert set(schedules) == {"embedded_schedule.json", "embedded_schedule_cpu6h.json"}
+    for name, stages in schedules.items():
+        ends = [s["until_step"] for s in stages]
+        assert ends == sorted(ends) and len(set(ends)) == len(ends), name
+        for s in stages:
+            assert len(train_embedded.parse_part_scale(s["part_scale"])) == len(faces.PART_NAMES), name
+            assert s["decay_start"] < s["decay_end"] and s["lr"] > 0, name
+        args = argparse.Namespace(lr=1.0, decay_start=None, decay_end=None, part_scale="1,1,1,1", schedule_stages=stages)
+        assert all(0 < train_embedded.learning_rate(k, train_embedded.stage_for(k, args)) <= 2e-3
+                   for k in range(0, 90_000, 997)), name
+    shared = [s for s in schedules["embedded_schedule.json"] if s["until_step"] <= 33_979]
+    assert len(shared) == 3 and schedules["embedded_schedule_cpu6h.json"][:3] == shared
+    cpu = argparse.Namespace(lr=1.0, decay_start=None, decay_end=None, part_scale="1,1,1,1",
+                             schedule_stages=schedules["embedded_schedule_cpu6h.json"])
+    assert train_embedded.stage_for(55_078, cpu).batch == 32 and train_embedded.stage_for(55_078, cpu).part_l2 == 4.0
+
+
 def test_render_workers_and_stage_batch_give_the_same_run(tmp_path):
     """Batches rendered by worker processes (the GPU path) equal those rendered in-process, and a
     schedule stage's own batch size is used and counted in the state's image total."""

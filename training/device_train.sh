@@ -10,7 +10,8 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 GRADIO_ANALYTICS_ENABLED=False
 DEADLINE=${DEADLINE:-540}            # seconds after the start of this script by which the state must be saved
 MAX_STEPS_STAGE=${MAX_STEPS_STAGE:-60000}
 DEVICE=${DEVICE:-cuda} PROBE_STEPS=${PROBE_STEPS:-400}
-STATE=training/state/embedded-last.pt
+STATE=${STATE:-training/state/embedded-last.pt}          # the state to continue from
+BASE_SCHEDULE=${BASE_SCHEDULE:-training/embedded_schedule.json}  # its schedule so far
 START=$(python3 -c "import torch; print(int(torch.load('$STATE', weights_only=True)['step']))")
 STAGE=${STAGE:-'{"lr": 0.002, "part_scale": "1,2,4,2", "batch": 64}'}
 echo "start step $START, stage $STAGE"
@@ -20,7 +21,7 @@ nproc --all; df -h /dev/shm | tail -1
 
 write_schedule() {  # $1: steps in the new stage (its lr decays linearly to 10 % over them), $2: output file
 python3 -c "
-import json; sch = json.load(open('training/embedded_schedule.json'))
+import json; sch = json.load(open('$BASE_SCHEDULE'))
 sch['stages'][-1]['until_step'] = $START  # the run so far ends here; the new stage follows
 sch['stages'].append(dict(json.loads('$STAGE'), until_step=1000000, decay_start=$START, decay_end=$START + $1))
 json.dump(sch, open('$2', 'w'), indent=1)"

@@ -12,8 +12,8 @@ use REFERENCE_SEED, so the two KID sets are independent.
                   detector finds its landmarks confidently (heatmap spread below SPREAD_MAX px,
                   visibility > 0.5 where applicable) AND a local contrast check holds: pupils much
                   darker than the sclera beside them, brows differ in colour from the cheek, nostrils
-                  darker than the cheek, lips redder than the cheek or a
-                  mouth line darker than it. The same check is reported for
+                  darker than the cheek, lips redder than the cheek, a mouth line darker than
+                  it or teeth brighter than it (open mouths). The same check is reported for
                   reference on clean renders (should be ~1), renders blurred with sigma 2.5 px, and an
                   untrained generator (both should be ~0).
   landmark_px_vs_render  mean distance (px) between landmarks detected on G(z) and the exact
@@ -58,6 +58,8 @@ BROW_DISTANCE = 0.10           # RGB distance brow vs cheek (renders: 5th percen
 NOSTRIL_RATIO = 0.75           # nostril luminance / cheek luminance must be below (renders: <= 0.65)
 LIP_REDNESS = 0.10             # (R - G) of lips minus (R - G) of cheek ...
 MOUTH_DARK_RATIO = 0.70        # ... or mouth-line luminance / cheek luminance below this
+TEETH_RATIO = 1.4              # ... or its brightest pixel / cheek luminance above this: teeth of an open mouth (in
+                               # calibration renders failing the two tests above: 1.55-2.9; blurred by 2.5 px: <= 1.32)
 PARTS = ("eyes", "brows", "nose", "mouth")
 PART_LANDMARKS = {
     "eyes": ("eye_left_outer", "eye_left_inner", "eye_right_inner", "eye_right_outer", "pupil_left", "pupil_right"),
@@ -91,7 +93,8 @@ def part_scores(images: torch.Tensor, detector: LandmarkDetector) -> dict[str, n
     pts, spread, vis = det.points.numpy(), det.spread.numpy(), det.visible.numpy()
     imgs = to_unit(images)
     n = len(imgs)
-    keys = ("pupil_contrast", "pupil_visible", "brow_distance", "nostril_ratio", "lip_redness", "mouth_dark_ratio")
+    keys = ("pupil_contrast", "pupil_visible", "brow_distance", "nostril_ratio", "lip_redness", "mouth_dark_ratio",
+            "teeth_ratio")
     out = {k: np.zeros(n) for k in keys}
     for p in PARTS:
         out[f"{p}_spread"] = spread[:, [ix[m] for m in PART_LANDMARKS[p]]].max(axis=1)
@@ -124,6 +127,8 @@ def part_scores(images: torch.Tensor, detector: LandmarkDetector) -> dict[str, n
         # ... or the mouth line (seam / open mouth) darker than the cheek
         line = [t * L("mouth_left") + (1 - t) * L("mouth_right") for t in (0.3, 0.5, 0.7)]
         out["mouth_dark_ratio"][i] = min(luminance(_patch(img, *q, 1)).min() for q in line) / max(luminance(cheek), 1e-3)
+        # ... or teeth in an open mouth, brighter than the cheek (a blurred mouth has no bright pixel)
+        out["teeth_ratio"][i] = max(luminance(_patch(img, *q, 1)).max() for q in line) / max(luminance(cheek), 1e-3)
     return out
 
 
@@ -135,7 +140,8 @@ def part_checks(images: torch.Tensor, detector: LandmarkDetector, scores: dict |
         "eyes": conf["eyes"] & (s["pupil_visible"] > 0.5) & (s["pupil_contrast"] > PUPIL_CONTRAST),
         "brows": conf["brows"] & (s["brow_distance"] > BROW_DISTANCE),
         "nose": conf["nose"] & (s["nostril_ratio"] < NOSTRIL_RATIO),
-        "mouth": conf["mouth"] & ((s["lip_redness"] > LIP_REDNESS) | (s["mouth_dark_ratio"] < MOUTH_DARK_RATIO)),
+        "mouth": conf["mouth"] & ((s["lip_redness"] > LIP_REDNESS) | (s["mouth_dark_ratio"] < MOUTH_DARK_RATIO)
+                                  | (s["teeth_ratio"] > TEETH_RATIO)),
     }
     out["all_parts"] = np.all([out[p] for p in PARTS], axis=0)
     return out

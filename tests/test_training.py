@@ -129,6 +129,57 @@ def test_render_workers_close_with_a_full_look_ahead():
     assert stream.pool is None and set(multiprocessing.active_children()) <= before
 
 
+_OVERDUE_SCRIPT = """
+import argparse, os, signal, sys, time
+from training import train_embedded
+if __name__ == "__main__":
+    train_embedded.RENDER_TIMEOUT_S = 0.3  # so the look-ahead below counts as overdue
+    stage = argparse.Namespace(batch=1500, part_scale="1,1,1,1")  # ~2 s per batch: still rendering at close
+    stream = train_embedded.BatchStream(0, lambda step: stage, workers=2, lookahead=2)
+    print(" ".join(str(p.pid) for p in stream.pool._pool), flush=True)
+    while len(stream.pending) < stream.depth:
+        stream.pending.append(stream.pool.apply_async(train_embedded._render_task, stream._task(stream.next_step)))
+        stream.next_step += 1
+    os.kill(stream.pool._pool[0].pid, signal.SIGSTOP)  # a hung worker: it never delivers its batch
+    t = time.time()
+    stream.close()
+    print(f"closed in {time.time() - t:.1f} s", flush=True)
+"""
+
+
+def test_render_workers_are_killed_when_a_batch_is_overdue(tmp_path):
+    """The emergency branch of BatchStream.close (a worker hangs, here stopped with SIGSTOP): close
+    returns, the interpreter exits, and no render worker outlives it (they ignore SIGTERM, so
+    Pool.terminate alone would wait for the hung one forever)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    script = tmp_path / "overdue.py"
+    script.write_text(_OVERDUE_SCRIPT)
+    root = Path(train_embedded.__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in proc.stdout.readline().split()]
+    try:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
+        assert out.strip().startswith("closed in"), out
+        time.sleep(0.5)
+        alive = [pid for pid in workers if Path(f"/proc/{pid}/status").exists()
+                 and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+        assert not alive, f"render workers {alive} survived"
+    finally:  # never leave a stopped worker behind, even when the test fails
+        proc.kill()
+        for pid in workers:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+
 def test_part_l2_adds_a_squared_error_on_the_part_regions_only():
     torch.manual_seed(0)
     real = torch.rand(2, 3, 8, 8) * 2 - 1

@@ -380,3 +380,21 @@ def _vm(pid, key: str):
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return None
+
+
+def test_stop_returns_its_own_status_when_the_run_writes_one_meanwhile():
+    """A run that has just ended writes its final status from its own thread while /stop renders its
+    view; /stop must return the status it computed (under load the client once got the run's text)."""
+    from conftest import ui_model_path
+    from webui.app import App
+    from webui.state import EditorState
+    st = EditorState.create(ui_model_path(), seed=3)
+    real_display = st.display
+
+    def display_while_the_run_finishes(*args, **kwargs):
+        st.last_status = "step 6 / 300 - stopped: press Start to continue"  # the run thread's write
+        return real_display(*args, **kwargs)
+
+    st.display = display_while_the_run_finishes
+    _, _, status, _ = App(ui_model_path()).view(st, "stopped at step 6 - press Start to resume")
+    assert status == "stopped at step 6 - press Start to resume"

@@ -71,9 +71,13 @@ class App:
         return st
 
     def view(self, st: EditorState, status: str | None = None):
+        # return the status passed in, not st.last_status read back: a run that has just ended may
+        # write its own final status from its thread meanwhile (Stop raced with it, seen under load)
         if status is not None:
             st.last_status = status
-        return st.display(), st.points_text(), st.last_status, st
+        else:
+            status = st.last_status
+        return st.display(), st.points_text(), status, st
 
     def guarded_view(self, fn):
         """Wrap fn(st, *args) -> status; outputs [canvas, points, status, state]."""

@@ -79,19 +79,22 @@ def test_committed_schedules_are_consistent():
     folder = Path(train_embedded.__file__).parent
     schedules = {p.name: json.loads(p.read_text())["stages"] for p in sorted(folder.glob("embedded_schedule*.json"))}
     assert set(schedules) == {"embedded_schedule.json", "embedded_schedule_cpu6h.json"}
+
+    def with_stages(stages):  # command-line settings that no stage may leak through (lr 1.0 would show)
+        return argparse.Namespace(lr=1.0, decay_start=None, decay_end=None, part_scale="1,1,1,1", schedule_stages=stages)
+
     for name, stages in schedules.items():
         ends = [s["until_step"] for s in stages]
         assert ends == sorted(ends) and len(set(ends)) == len(ends), name
         for s in stages:
             assert len(train_embedded.parse_part_scale(s["part_scale"])) == len(faces.PART_NAMES), name
             assert s["decay_start"] < s["decay_end"] and s["lr"] > 0, name
-        args = argparse.Namespace(lr=1.0, decay_start=None, decay_end=None, part_scale="1,1,1,1", schedule_stages=stages)
+        args = with_stages(stages)
         assert all(0 < train_embedded.learning_rate(k, train_embedded.stage_for(k, args)) <= 2e-3
                    for k in range(0, 90_000, 997)), name
     shared = [s for s in schedules["embedded_schedule.json"] if s["until_step"] <= 33_979]
     assert len(shared) == 3 and schedules["embedded_schedule_cpu6h.json"][:3] == shared
-    cpu = argparse.Namespace(lr=1.0, decay_start=None, decay_end=None, part_scale="1,1,1,1",
-                             schedule_stages=schedules["embedded_schedule_cpu6h.json"])
+    cpu = with_stages(schedules["embedded_schedule_cpu6h.json"])
     assert train_embedded.stage_for(55_078, cpu).batch == 32 and train_embedded.stage_for(55_078, cpu).part_l2 == 4.0
 
 
@@ -137,9 +140,7 @@ if __name__ == "__main__":
     stage = argparse.Namespace(batch=1500, part_scale="1,1,1,1")  # ~2 s per batch: still rendering at close
     stream = train_embedded.BatchStream(0, lambda step: stage, workers=2, lookahead=2)
     print(" ".join(str(p.pid) for p in stream.pool._pool), flush=True)
-    while len(stream.pending) < stream.depth:
-        stream.pending.append(stream.pool.apply_async(train_embedded._render_task, stream._task(stream.next_step)))
-        stream.next_step += 1
+    stream._fill()
     os.kill(stream.pool._pool[0].pid, signal.SIGSTOP)  # a hung worker: it never delivers its batch
     t = time.time()
     stream.close()

@@ -103,6 +103,7 @@ def part_scores(images: torch.Tensor, detector: LandmarkDetector) -> dict[str, n
         L = lambda name: P[ix[name]]  # noqa: E731
         cheeks = [(L("eye_left_outer") + L("mouth_left")) / 2, (L("eye_right_outer") + L("mouth_right")) / 2]
         cheek = np.mean([_patch(img, *c, 1).mean(0) for c in cheeks], axis=0)
+        cheek_lum = max(luminance(cheek), 1e-3)
         # eyes: each pupil much darker than the brightest sclera pixel between it and the eye corners
         contrast = []
         for s in ("left", "right"):
@@ -118,17 +119,17 @@ def part_scores(images: torch.Tensor, detector: LandmarkDetector) -> dict[str, n
             for s in ("left", "right"))
         # nose: both nostrils darker than the cheek
         out["nostril_ratio"][i] = max(luminance(_patch(img, *L(f"nostril_{s}"), 1)).min()
-                                      for s in ("left", "right")) / max(luminance(cheek), 1e-3)
+                                      for s in ("left", "right")) / cheek_lum
         # mouth: lips redder (R - G) than the cheek
         lips = [L("lip_upper"), L("lip_lower"), 0.7 * L("mouth_left") + 0.3 * L("mouth_right"),
                 0.3 * L("mouth_left") + 0.7 * L("mouth_right")]
         red = max((_patch(img, *q, 0)[:, 0] - _patch(img, *q, 0)[:, 1]).max() for q in lips)
         out["lip_redness"][i] = red - (cheek[0] - cheek[1])
         # ... or the mouth line (seam / open mouth) darker than the cheek
-        line = [t * L("mouth_left") + (1 - t) * L("mouth_right") for t in (0.3, 0.5, 0.7)]
-        out["mouth_dark_ratio"][i] = min(luminance(_patch(img, *q, 1)).min() for q in line) / max(luminance(cheek), 1e-3)
+        line = [luminance(_patch(img, *(t * L("mouth_left") + (1 - t) * L("mouth_right")), 1)) for t in (0.3, 0.5, 0.7)]
+        out["mouth_dark_ratio"][i] = min(v.min() for v in line) / cheek_lum
         # ... or teeth in an open mouth, brighter than the cheek (a blurred mouth has no bright pixel)
-        out["teeth_ratio"][i] = max(luminance(_patch(img, *q, 1)).max() for q in line) / max(luminance(cheek), 1e-3)
+        out["teeth_ratio"][i] = max(v.max() for v in line) / cheek_lum
     return out
 
 

@@ -112,15 +112,19 @@ class BatchStream:
         stage = self.settings(step)
         return stage.batch, step, stage.part_scale
 
+    def _fill(self):
+        """Queue render tasks until the look-ahead is full."""
+        while len(self.pending) < self.depth:
+            self.pending.append(self.pool.apply_async(_render_task, self._task(self.next_step)))
+            self.next_step += 1
+
     def get(self):
         """(z [N, PARAM_DIM] numpy, images [N,3,H,W], part weights [N,1,H,W]) for the next step."""
         if self.pool is None:
             z, real, part_weight = _render_task(*self._task(self.next_step))
             self.next_step += 1
         else:
-            while len(self.pending) < self.depth:
-                self.pending.append(self.pool.apply_async(_render_task, self._task(self.next_step)))
-                self.next_step += 1
+            self._fill()
             try:
                 z, real, part_weight = self.pending.popleft().get(timeout=RENDER_TIMEOUT_S)
             except multiprocessing.TimeoutError:

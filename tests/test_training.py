@@ -36,6 +36,17 @@ def test_training_is_resumable_and_deterministic(tmp_path):
     G = load_generator(tmp_path / "m.safetensors")
     assert G.img_resolution == 64 and read_native_metadata(tmp_path / "m.safetensors")["training_steps"] == "4"
     assert (tmp_path / "a" / "samples_latest.png").is_file()
+    # finalize_model exports the same weights, with the drag defaults of the file it is given
+    import json
+    from safetensors.torch import load_file
+    from training import finalize_model
+    defaults = {**json.loads(train_embedded.DRAG_DEFAULTS_FILE.read_text()), "lr": 0.0123}
+    (tmp_path / "d.json").write_text(json.dumps(defaults))
+    finalize_model.main(["--state", str(tmp_path / "b" / "last.pt"), "--out", str(tmp_path / "f.safetensors"),
+                         "--drag-defaults", str(tmp_path / "d.json")])
+    assert json.loads(read_native_metadata(tmp_path / "f.safetensors")["drag_defaults"]) == defaults
+    exported, final = load_file(tmp_path / "m.safetensors"), load_file(tmp_path / "f.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in exported)
 
 
 def test_part_scale_is_validated(tmp_path):
@@ -95,7 +106,11 @@ def test_committed_schedules_are_consistent():
     shared = [s for s in schedules["embedded_schedule.json"] if s["until_step"] <= 33_979]
     assert len(shared) == 3 and schedules["embedded_schedule_cpu6h.json"][:3] == shared
     cpu = with_stages(schedules["embedded_schedule_cpu6h.json"])
-    assert train_embedded.stage_for(55_078, cpu).batch == 32 and train_embedded.stage_for(55_078, cpu).part_l2 == 4.0
+    last = train_embedded.stage_for(55_078, cpu)
+    assert (last.batch, last.part_l2, last.part_scale) == (32, 8.0, "1,3,8,2")
+    # the lr is held, then decays linearly to 10 % by the last step (48,000 -> 55,079)
+    assert train_embedded.learning_rate(47_999, last) == 1.5e-3
+    assert abs(train_embedded.learning_rate(55_079, last) - 1.5e-4) < 1e-9
 
 
 def test_render_workers_and_stage_batch_give_the_same_run(tmp_path):

@@ -11,7 +11,7 @@ DEADLINE=${DEADLINE:-540}            # seconds after the start of this script by
 MAX_STEPS_STAGE=${MAX_STEPS_STAGE:-60000}
 DEVICE=${DEVICE:-cuda} PROBE_STEPS=${PROBE_STEPS:-400}
 STATE=${STATE:-training/state/embedded-last.pt}          # the state to continue from
-BASE_SCHEDULE=${BASE_SCHEDULE:-training/embedded_schedule.json}  # its schedule so far
+BASE_SCHEDULE=${BASE_SCHEDULE:-training/embedded_schedule_cpu6h.json}  # its schedule so far (the committed state is the parts model's)
 START=$(python3 -c "import torch; print(int(torch.load('$STATE', weights_only=True)['step']))")
 STAGE=${STAGE:-'{"lr": 0.002, "part_scale": "1,2,4,2", "batch": 64}'}
 echo "start step $START, stage $STAGE"

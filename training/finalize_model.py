@@ -1,8 +1,11 @@
 """Export the shipped embedded model from the training state (w_avg, fp16, metadata).
 
     python -m training.finalize_model [--state runs/embedded/last.pt] [--out checkpoints/embedded-faces64.safetensors]
+                                      [--drag-defaults training/embedded_drag_defaults.json]
 
-Drag defaults are read from training/embedded_drag_defaults.json (written from the evaluation sweep).
+The drag defaults stored in the file's metadata are read from --drag-defaults (each model's are chosen
+on validation edits: training/embedded_drag_defaults.json for the default model,
+training/embedded_parts_drag_defaults.json for the opt-in parts model).
 """
 from __future__ import annotations
 
@@ -12,18 +15,20 @@ import torch
 
 from draggan_core.models import default_model_path
 from draggan_core.networks import Generator, GeneratorConfig
-from training.train_embedded import export_model
+from training.train_embedded import DRAG_DEFAULTS_FILE, export_model
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--state", default="runs/embedded/last.pt")
     p.add_argument("--out", default=str(default_model_path()))
+    p.add_argument("--drag-defaults", default=str(DRAG_DEFAULTS_FILE), help="JSON drag defaults for the metadata")
     args = p.parse_args(argv)
     state = torch.load(args.state, weights_only=True)
     G_ema = Generator(GeneratorConfig.from_json(state["config"]))
     G_ema.load_state_dict(state["G_ema"])
-    export_model(G_ema, args.out, int(state["step"]), float(state["seconds"]), images=state.get("images"))
+    export_model(G_ema, args.out, int(state["step"]), float(state["seconds"]), images=state.get("images"),
+                 drag_defaults_file=args.drag_defaults)
     print(f"wrote {args.out} (step {state['step']}, {state['seconds'] / 60:.1f} min of training)")
 
 

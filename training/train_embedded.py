@@ -49,15 +49,16 @@ DRAG_DEFAULTS_FILE = Path(__file__).with_name("embedded_drag_defaults.json")
 
 
 @torch.no_grad()
-def export_model(G_ema: Generator, path, step: int, seconds: float, dtype=torch.float16, images: int | None = None):
+def export_model(G_ema: Generator, path, step: int, seconds: float, dtype=torch.float16, images: int | None = None,
+                 drag_defaults_file: Path = DRAG_DEFAULTS_FILE):
     """Write the shipped checkpoint: w_avg set to the mean W (truncation needs it), fp16 weights,
     training facts and the drag defaults chosen by the evaluation sweep in the metadata."""
     z = torch.from_numpy(faces.sample_z(8192, seed=HELD_OUT_SEED + 1)).to(G_ema.mapping.w_avg.device)
     G_ema.mapping.w_avg.copy_(G_ema.mapping(z)[:, 0].mean(dim=0))
     meta = {"training_steps": str(step), "training_minutes": f"{seconds / 60:.1f}",
             "training_images": str(images if images is not None else step * 16), "renderer": "training/faces.py"}
-    if DRAG_DEFAULTS_FILE.exists():
-        meta["drag_defaults"] = DRAG_DEFAULTS_FILE.read_text()
+    if Path(drag_defaults_file).exists():
+        meta["drag_defaults"] = Path(drag_defaults_file).read_text()
     save_native(G_ema, path, dtype=dtype, extra_metadata=meta)
 
 

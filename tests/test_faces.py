@@ -38,7 +38,7 @@ def test_api_constants():
     assert len(faces.PARAM_NAMES) == faces.PARAM_DIM
     assert len(faces.LANDMARK_NAMES) >= 22
     assert len(set(faces.LANDMARK_NAMES)) == len(faces.LANDMARK_NAMES)
-    assert faces.PART_NAMES == ("eyes", "brows", "nose", "mouth")
+    assert faces.PART_NAMES == ("eyes", "brows", "nose", "mouth", "ears")
 
 
 def test_sample_z():
@@ -208,6 +208,7 @@ def test_part_masks_cover_their_landmarks(batch):
         "brows": ["brow_left_outer", "brow_left_inner", "brow_right_inner", "brow_right_outer"],
         "nose": ["nose_tip", "nostril_left", "nostril_right"],
         "mouth": ["mouth_left", "mouth_right", "lip_upper", "lip_lower"],
+        "ears": ["ear_left", "ear_right"],
     }
     for j, part in enumerate(faces.PART_NAMES):
         mask = b.part_masks[:, j]

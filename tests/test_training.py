@@ -11,11 +11,17 @@ def test_part_weights_follow_the_per_part_scale():
     masks = torch.from_numpy(faces.render(z).part_masks)
     _, w1 = train_embedded.render_batch(z)
     _, w2 = train_embedded.render_batch(z, (1.0, 2.0, 3.0, 1.0))
-    assert torch.equal(w1, masks.amax(dim=1, keepdim=True))
-    expected = (masks * torch.tensor([1.0, 2.0, 3.0, 1.0])[None, :, None, None]).amax(dim=1, keepdim=True)
+    # four gains (every schedule before the ears region): the ears weigh nothing, as then
+    assert torch.equal(w1, masks[:, :4].amax(dim=1, keepdim=True))
+    expected = (masks[:, :4] * torch.tensor([1.0, 2.0, 3.0, 1.0])[None, :, None, None]).amax(dim=1, keepdim=True)
     assert torch.equal(w2, expected)
+    assert torch.equal(train_embedded.render_batch(z, (1.0, 2.0, 3.0, 1.0, 0.0))[1], w2)
     nose = masks[:, 2:3] > 0.99
     assert nose.any() and (w2[nose] >= 2.97).all()
+    # a fifth gain weighs the ears region
+    _, w3 = train_embedded.render_batch(z, (1.0, 2.0, 3.0, 1.0, 5.0))
+    ears = masks[:, 4:5] > 0.99
+    assert ears.any() and (w3[ears] >= 4.95).all() and w2[ears].mean() < 0.5  # few ear pixels lie in other parts
 
 
 def _run(out, steps, extra=()):
@@ -98,7 +104,7 @@ def test_committed_schedules_are_consistent():
         ends = [s["until_step"] for s in stages]
         assert ends == sorted(ends) and len(set(ends)) == len(ends), name
         for s in stages:
-            assert len(train_embedded.parse_part_scale(s["part_scale"])) == len(faces.PART_NAMES), name
+            assert len(train_embedded.parse_part_scale(s["part_scale"])) in (4, len(faces.PART_NAMES)), name
             assert s["decay_start"] < s["decay_end"] and s["lr"] > 0, name
         args = with_stages(stages)
         assert all(0 < train_embedded.learning_rate(k, train_embedded.stage_for(k, args)) <= 2e-3

@@ -78,7 +78,8 @@ LANDMARK_NAMES: tuple[str, ...] = (
     "chin", "jaw_left_mouth", "jaw_right_mouth", "jaw_left_eye", "jaw_right_eye",
     "ear_left", "ear_right",
 )
-PART_NAMES: tuple[str, ...] = ("eyes", "brows", "nose", "mouth")
+PART_NAMES: tuple[str, ...] = ("eyes", "brows", "nose", "mouth", "ears")
+# loss-region masks; the parts check (training/model_metrics.py) looks at the first four only
 
 _LM = {name: i for i, name in enumerate(LANDMARK_NAMES)}
 
@@ -611,7 +612,12 @@ def part_masks(p, lm: np.ndarray, pose, res: int) -> np.ndarray:
                          (0.02 + 0.35 * p["nose_width"]) * px + margin)
     mouth = pts("mouth_left", "mouth_right", "lip_upper", "lip_lower")
     mouth_m = _box_around(res, mouth, mouth[:, 1] - mouth[:, 0], margin, margin)
-    return np.stack([eyes_m, brows_m, nose_m, mouth_m], axis=1).astype(np.float32)
+    # ears: the outer ellipse of each (also where it hides behind the head outline), boxed along the
+    # face's horizontal axis
+    across = lm[:, _LM["eye_right_outer"]] - lm[:, _LM["eye_left_outer"]]
+    ear_polys, _ = ears(p, pose)
+    ears_m = np.maximum(*(_box_around(res, ear_polys[f"ear_{s}"], across, margin, margin) for s in ("left", "right")))
+    return np.stack([eyes_m, brows_m, nose_m, mouth_m, ears_m], axis=1).astype(np.float32)
 
 
 # --------------------------------------------------------------------------

@@ -74,10 +74,12 @@ def compact_state(state: dict) -> dict:
 
 def render_batch(z: np.ndarray, part_gains=(1.0, 1.0, 1.0, 1.0)):
     """Renders and the per-pixel extra loss weight: max over parts of gain_p * coverage_p, [N,1,H,W]
-    (gains relative to --part-gain, in faces.PART_NAMES order)."""
+    (gains relative to --part-gain, in faces.PART_NAMES order). Parts without a gain weigh 0: the
+    four-value scales written before the ears region existed reproduce those runs exactly."""
     batch = faces.render(z)
     images = torch.from_numpy(batch.images)
-    gains = torch.tensor(part_gains, dtype=torch.float32)[None, :, None, None]
+    gains = tuple(part_gains) + (0.0,) * (len(faces.PART_NAMES) - len(part_gains))
+    gains = torch.tensor(gains, dtype=torch.float32)[None, :, None, None]
     weights = (torch.from_numpy(batch.part_masks) * gains).amax(dim=1, keepdim=True)
     return images, weights
 
@@ -217,9 +219,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--decay-start", type=int, default=None, help="step where the lr starts decaying linearly")
     p.add_argument("--decay-end", type=int, default=None, help="step where the lr reaches 10%% of --lr")
-    p.add_argument("--part-gain", type=float, default=8.0, help="extra L1 weight on eyes/brows/nose/mouth")
-    p.add_argument("--part-scale", default="1,1,1,1", metavar="E,B,N,M",
-                   help="per-part multipliers of --part-gain for eyes, brows, nose, mouth")
+    p.add_argument("--part-gain", type=float, default=8.0, help="extra L1 weight on the part regions")
+    p.add_argument("--part-scale", default="1,1,1,1", metavar="E,B,N,M[,EARS]",
+                   help="per-part multipliers of --part-gain for eyes, brows, nose, mouth and (optional, default 0) ears")
     p.add_argument("--part-l2", type=float, default=0.0,
                    help="weight of an extra squared error on the part regions (a stage may set part_l2)")
     p.add_argument("--schedule", default=None, metavar="JSON",
@@ -239,8 +241,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.schedule_stages = json.loads(Path(args.schedule).read_text())["stages"] if args.schedule else []
     for scale in [args.part_scale] + [stage.get("part_scale", args.part_scale) for stage in args.schedule_stages]:
-        if len(parse_part_scale(scale)) != len(faces.PART_NAMES):
-            p.error(f"--part-scale needs {len(faces.PART_NAMES)} values ({', '.join(faces.PART_NAMES)})")
+        if len(parse_part_scale(scale)) not in (len(faces.PART_NAMES) - 1, len(faces.PART_NAMES)):
+            p.error(f"--part-scale needs {len(faces.PART_NAMES)} values ({', '.join(faces.PART_NAMES)}), "
+                    f"or {len(faces.PART_NAMES) - 1} (ears 0)")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

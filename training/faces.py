@@ -592,8 +592,8 @@ def _box_around(res, pts, direction, margin_a, margin_b):
     return _rounded_box_coverage(res, centre, u, half_a, half_b, np.minimum(margin_a, margin_b))
 
 
-def part_masks(p, lm: np.ndarray, pose, res: int) -> np.ndarray:
-    """(N, len(PART_NAMES), H, W) coverage of each part and its surroundings."""
+def part_masks(p, lm: np.ndarray, pose, res: int, polys: dict) -> np.ndarray:
+    """(N, len(PART_NAMES), H, W) coverage of each part and its surroundings (polys: the drawn polygons)."""
     def pts(*names):
         return np.stack([lm[:, _LM[nm]] for nm in names], axis=1)
 
@@ -615,8 +615,7 @@ def part_masks(p, lm: np.ndarray, pose, res: int) -> np.ndarray:
     # ears: the outer ellipse of each (also where it hides behind the head outline), boxed along the
     # face's horizontal axis
     across = lm[:, _LM["eye_right_outer"]] - lm[:, _LM["eye_left_outer"]]
-    ear_polys, _ = ears(p, pose)
-    ears_m = np.maximum(*(_box_around(res, ear_polys[f"ear_{s}"], across, margin, margin) for s in ("left", "right")))
+    ears_m = np.maximum(*(_box_around(res, polys[f"ear_{s}"], across, margin, margin) for s in ("left", "right")))
     return np.stack([eyes_m, brows_m, nose_m, mouth_m, ears_m], axis=1).astype(np.float32)
 
 
@@ -717,6 +716,6 @@ def render(z: np.ndarray, resolution: int = 64, supersample: int = 4) -> FaceBat
     return FaceBatch(
         images=images,
         landmarks=landmarks.astype(np.float32),
-        part_masks=part_masks(p, landmarks, pose, res),
+        part_masks=part_masks(p, landmarks, pose, res, polys),
         visible=visible,
     )

@@ -216,3 +216,43 @@ def test_part_l2_adds_a_squared_error_on_the_part_regions_only():
     without = train_embedded.regression_loss(fake, real, part, 8.0)
     expected_extra = 4.0 * (0.25 * 2 * 3) / (part.sum() * 3)
     assert (with_l2 - without).item() == pytest.approx(expected_extra.item(), rel=1e-5)
+
+
+def test_image_head_fine_tune_keeps_every_drag_on_the_same_latent_path(tmp_path):
+    """--init-model M --train-only image-head changes only ToRGB layers and the last block: the mapping,
+    w_avg and every feature block the drag engine uses stay bit for bit M's, so a drag from the same
+    seed takes the same latent path on both models, while the rendered image differs."""
+    import re
+    from draggan_core.checkpoints import load_generator
+    from draggan_core.drag import DragConfig, DragSession
+    from draggan_core.latents import seed_to_w
+    from draggan_core.models import default_model_path, drag_defaults_of
+    base = default_model_path()
+    tuned_path = tmp_path / "m.safetensors"
+    state = _run(tmp_path / "head", 3, ["--init-model", str(base), "--train-only", "image-head", "--part-l2", "8",
+                                        "--part-scale", "1,3,8,2", "--export", str(tuned_path)])
+    assert state["train_only"] == train_embedded.TRAIN_ONLY_PRESETS["image-head"]
+    A, B = load_generator(base), load_generator(tuned_path)
+    sa, sb = A.state_dict(), B.state_dict()
+    changed = {k for k in sa if not torch.equal(sa[k], sb[k])}
+    assert "synthesis.b64.conv1.weight" in changed and "synthesis.b16.torgb.weight" in changed
+    assert all(re.search(state["train_only"], k) for k in changed), changed
+    assert "mapping.w_avg" not in changed
+
+    defaults = drag_defaults_of(base)
+    torch.set_num_threads(1)
+    ws = seed_to_w(A, 5, psi=0.7)
+    for res in (defaults["feature_res"], defaults["track_res"]):  # motion supervision and tracking blocks
+        assert torch.equal(A.synthesis(ws, feature_res=res, stop_at_feature=True)[1],
+                           B.synthesis(ws, feature_res=res, stop_at_feature=True)[1]), res
+    runs = []
+    for G in (A, B):
+        w = seed_to_w(G, 3, psi=0.7, w_mode="w")
+        s = DragSession(G, w, DragConfig(display_every=0), model_defaults=defaults)
+        s.add_pair((30, 40), (34, 44))
+        steps = list(s.run(max_steps=6))
+        assert not torch.equal(s.latent, w) and not steps[-1].reached  # it moved, target not yet reached
+        runs.append((s.latent, s.render(), [(r.handles, r.loss) for r in steps]))
+    assert torch.equal(runs[0][0], runs[1][0])          # the same latent after 6 steps
+    assert runs[0][2] == runs[1][2]                      # the same tracked handles and losses at every step
+    assert np.abs(runs[0][1].astype(int) - runs[1][1].astype(int)).max() > 0  # a different image

@@ -15,7 +15,7 @@ import torch
 
 from draggan_core.models import default_model_path
 from draggan_core.networks import Generator, GeneratorConfig
-from training.train_embedded import DRAG_DEFAULTS_FILE, export_model
+from training.train_embedded import DRAG_DEFAULTS_FILE, export_model, mapping_frozen
 
 
 def main(argv=None):
@@ -27,8 +27,10 @@ def main(argv=None):
     state = torch.load(args.state, weights_only=True)
     G_ema = Generator(GeneratorConfig.from_json(state["config"]))
     G_ema.load_state_dict(state["G_ema"])
+    train_only = state.get("train_only") or None
     export_model(G_ema, args.out, int(state["step"]), float(state["seconds"]), images=state.get("images"),
-                 drag_defaults_file=args.drag_defaults)
+                 drag_defaults_file=args.drag_defaults, keep_w_avg=mapping_frozen(train_only),
+                 extra={"fine_tuned_only": train_only} if train_only else None)
     print(f"wrote {args.out} (step {state['step']}, {state['seconds'] / 60:.1f} min of training)")
 
 

@@ -7,11 +7,17 @@ so the generator's latent space *is* the face-parameter space (smooth, every see
 an L1 weighted up on eyes, brows, nose and mouth (the renderer knows where they are) plus an L1 on 2x
 down-sampled images. Resumable: rerunning the same command continues from `OUT/last.pt`.
 Batches are a pure function of the step index, so a resumed run sees the same data as an unbroken one.
+
+`--init-model M --train-only image-head` fine-tunes a shipped model's image head only (every ToRGB
+layer and the last block): the features of the blocks before it, which the drag engine optimises and
+tracks on, and the mapping stay bit for bit those of M, so drags follow the same latent path and only
+the rendered image changes.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import re
 import json
 import math
 import multiprocessing
@@ -32,6 +38,12 @@ from training import faces
 HELD_OUT_SEED = 1_000_003  # z for evaluation come from this seed; training seeds are step indices
 RENDER_TIMEOUT_S = 120     # a render worker that has not answered in this long is dead or stuck
 MAX_STEP_SECONDS = 3.0
+# parameters that shape the image but no feature the drag engine uses (its blocks end at b32 here)
+TRAIN_ONLY_PRESETS = {"image-head": r"^synthesis\.(b64\.|b\d+\.torgb\.)"}
+
+
+def trainable_pattern(train_only: str | None) -> str | None:
+    return TRAIN_ONLY_PRESETS.get(train_only, train_only) if train_only else None
 
 
 def embedded_config() -> GeneratorConfig:
@@ -50,12 +62,15 @@ DRAG_DEFAULTS_FILE = Path(__file__).with_name("embedded_drag_defaults.json")
 
 @torch.no_grad()
 def export_model(G_ema: Generator, path, step: int, seconds: float, dtype=torch.float16, images: int | None = None,
-                 drag_defaults_file: Path = DRAG_DEFAULTS_FILE):
+                 drag_defaults_file: Path = DRAG_DEFAULTS_FILE, keep_w_avg: bool = False, extra: dict | None = None):
     """Write the shipped checkpoint: w_avg set to the mean W (truncation needs it), fp16 weights,
-    training facts and the drag defaults chosen by the evaluation sweep in the metadata."""
-    z = torch.from_numpy(faces.sample_z(8192, seed=HELD_OUT_SEED + 1)).to(G_ema.mapping.w_avg.device)
-    G_ema.mapping.w_avg.copy_(G_ema.mapping(z)[:, 0].mean(dim=0))
-    meta = {"training_steps": str(step), "training_minutes": f"{seconds / 60:.1f}",
+    training facts and the drag defaults chosen by the evaluation sweep in the metadata.
+    keep_w_avg: the mapping was frozen, so the w_avg it came with stays (recomputing it from fp16
+    weights would move every truncated latent a little)."""
+    if not keep_w_avg:
+        z = torch.from_numpy(faces.sample_z(8192, seed=HELD_OUT_SEED + 1)).to(G_ema.mapping.w_avg.device)
+        G_ema.mapping.w_avg.copy_(G_ema.mapping(z)[:, 0].mean(dim=0))
+    meta = {**(extra or {}), "training_steps": str(step), "training_minutes": f"{seconds / 60:.1f}",
             "training_images": str(images if images is not None else step * 16), "renderer": "training/faces.py"}
     if Path(drag_defaults_file).exists():
         meta["drag_defaults"] = Path(drag_defaults_file).read_text()
@@ -190,6 +205,10 @@ def save_grid(path, real, fake, n=16, scale=3):
     Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)
 
 
+def mapping_frozen(pattern: str | None) -> bool:
+    return bool(pattern) and not any(re.search(pattern, f"mapping.fc{i}.weight") for i in range(8))
+
+
 def parse_part_scale(text) -> tuple[float, ...]:
     return tuple(float(v) for v in str(text).split(","))
 
@@ -237,6 +256,11 @@ def main(argv=None):
     p.add_argument("--resume-state", default=None, metavar="PATH",
                    help="state to continue from when OUT/last.pt does not exist yet, e.g. the committed "
                         "training/state/embedded-last.pt")
+    p.add_argument("--init-model", default=None, metavar="SAFETENSORS",
+                   help="start from this native model's weights (G and G_ema) when there is no state to resume")
+    p.add_argument("--train-only", default=None, metavar="PRESET|REGEX",
+                   help="train only the parameters whose names match (preset: image-head = every ToRGB layer "
+                        "and the last block); the rest stay frozen, G_ema included")
     p.add_argument("--export", default=None, help="also write G_ema as native safetensors (fp16) here")
     args = p.parse_args(argv)
     args.schedule_stages = json.loads(Path(args.schedule).read_text())["stages"] if args.schedule else []
@@ -256,12 +280,28 @@ def main(argv=None):
     G = Generator(cfg, trainable=True)
     G_ema = Generator(cfg)
     G_ema.load_state_dict(G.state_dict())
-    G.to(device)
-    G_ema.to(device)
-    opt = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.9, 0.99))
-    step, seconds, images = 0, 0.0, 0
     ckpt_path = out / "last.pt"
     source = ckpt_path if ckpt_path.exists() else Path(args.resume_state) if args.resume_state else None
+    if args.init_model and (source is None or not source.exists()):
+        from draggan_core.checkpoints import load_generator
+        init = load_generator(args.init_model).cpu()
+        if init.cfg.to_json() != cfg.to_json():
+            p.error(f"--init-model {args.init_model}: not the embedded architecture")
+        G.load_state_dict(init.state_dict())  # w_avg included: a frozen mapping keeps it
+        G_ema.load_state_dict(init.state_dict())
+    pattern = trainable_pattern(args.train_only)
+    trainable = [(n, q) for n, q in G.named_parameters() if pattern is None or re.search(pattern, n)]
+    if not trainable:
+        p.error(f"--train-only {args.train_only}: matches no parameter")
+    for n, q in G.named_parameters():
+        q.requires_grad_(pattern is None or re.search(pattern, n) is not None)
+    ema_pairs = dict(G_ema.named_parameters())
+    ema_params = [ema_pairs[n] for n, _ in trainable]
+    params = [q for _, q in trainable]
+    G.to(device)
+    G_ema.to(device)
+    opt = torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.99))
+    step, seconds, images = 0, 0.0, 0
     if source is not None and source.exists():
         state = torch.load(source, weights_only=True, map_location="cpu")  # the optimiser moves its state
         G.load_state_dict(state["G"])
@@ -281,10 +321,11 @@ def main(argv=None):
     def save():
         tmp = out / "last.pt.tmp"
         torch.save({"G": G.state_dict(), "G_ema": G_ema.state_dict(), "opt": opt.state_dict(),
-                    "step": step, "seconds": seconds, "images": images, "config": cfg.to_json()}, tmp)
+                    "step": step, "seconds": seconds, "images": images, "config": cfg.to_json(),
+                    "train_only": pattern or ""}, tmp)
         os.replace(tmp, ckpt_path)
         if args.export:
-            export_model(G_ema, args.export, step, seconds, images=images)
+            export_model(G_ema, args.export, step, seconds, images=images, keep_w_avg=mapping_frozen(pattern))
 
     stopping = False
 
@@ -314,7 +355,7 @@ def main(argv=None):
         opt.step()
         ema_beta = 0.5 ** (len(z) / (args.ema_kimg * 1000))
         with torch.no_grad():
-            torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1 - ema_beta)
+            torch._foreach_lerp_(ema_params, params, 1 - ema_beta)
         step += 1
         images += len(z)
         # a step longer than MAX_STEP_SECONDS was suspended (SIGSTOP, laptop sleep): count it as capped

@@ -222,6 +222,7 @@ def test_image_head_fine_tune_keeps_every_drag_on_the_same_latent_path(tmp_path)
     """--init-model M --train-only image-head changes only ToRGB layers and the last block: the mapping,
     w_avg and every feature block the drag engine uses stay bit for bit M's, so a drag from the same
     seed takes the same latent path on both models, while the rendered image differs."""
+    import json
     import re
     from draggan_core.checkpoints import load_generator
     from draggan_core.drag import DragConfig, DragSession
@@ -238,6 +239,10 @@ def test_image_head_fine_tune_keeps_every_drag_on_the_same_latent_path(tmp_path)
     assert "synthesis.b64.conv1.weight" in changed and "synthesis.b16.torgb.weight" in changed
     assert all(re.search(state["train_only"], k) for k in changed), changed
     assert "mapping.w_avg" not in changed
+    from draggan_core.checkpoints import read_native_metadata
+    base_meta, meta = read_native_metadata(base), read_native_metadata(tuned_path)
+    assert int(meta["training_steps"]) == int(base_meta["training_steps"]) + 3  # the whole training counted
+    assert json.loads(meta["fine_tune"])["steps"] == 3 and state["base"]["model"] == base.name
 
     defaults = drag_defaults_of(base)
     torch.set_num_threads(1)

@@ -15,7 +15,7 @@ import torch
 
 from draggan_core.models import default_model_path
 from draggan_core.networks import Generator, GeneratorConfig
-from training.train_embedded import DRAG_DEFAULTS_FILE, export_model, mapping_frozen
+from training.train_embedded import DRAG_DEFAULTS_FILE, base_info, export_model, mapping_frozen
 
 
 def main(argv=None):
@@ -23,6 +23,8 @@ def main(argv=None):
     p.add_argument("--state", default="runs/embedded/last.pt")
     p.add_argument("--out", default=str(default_model_path()))
     p.add_argument("--drag-defaults", default=str(DRAG_DEFAULTS_FILE), help="JSON drag defaults for the metadata")
+    p.add_argument("--base-model", default=None,
+                   help="for a fine-tune whose state predates its record of the model it started from")
     args = p.parse_args(argv)
     state = torch.load(args.state, weights_only=True)
     G_ema = Generator(GeneratorConfig.from_json(state["config"]))
@@ -30,7 +32,7 @@ def main(argv=None):
     train_only = state.get("train_only") or None
     export_model(G_ema, args.out, int(state["step"]), float(state["seconds"]), images=state.get("images"),
                  drag_defaults_file=args.drag_defaults, keep_w_avg=mapping_frozen(train_only),
-                 extra={"fine_tuned_only": train_only} if train_only else None)
+                 extra={"fine_tuned_only": train_only} if train_only else None, base=state.get("base") or (base_info(args.base_model) if args.base_model else None))
     print(f"wrote {args.out} (step {state['step']}, {state['seconds'] / 60:.1f} min of training)")
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from draggan_core.checkpoints import save_native
+from draggan_core.checkpoints import read_native_metadata, save_native
 from draggan_core.networks import Generator, GeneratorConfig
 from training import faces
 
@@ -62,16 +62,22 @@ DRAG_DEFAULTS_FILE = Path(__file__).with_name("embedded_drag_defaults.json")
 
 @torch.no_grad()
 def export_model(G_ema: Generator, path, step: int, seconds: float, dtype=torch.float16, images: int | None = None,
-                 drag_defaults_file: Path = DRAG_DEFAULTS_FILE, keep_w_avg: bool = False, extra: dict | None = None):
+                 drag_defaults_file: Path = DRAG_DEFAULTS_FILE, keep_w_avg: bool = False, extra: dict | None = None,
+                 base: dict | None = None):
     """Write the shipped checkpoint: w_avg set to the mean W (truncation needs it), fp16 weights,
     training facts and the drag defaults chosen by the evaluation sweep in the metadata.
     keep_w_avg: the mapping was frozen, so the w_avg it came with stays (recomputing it from fp16
-    weights would move every truncated latent a little)."""
+    weights would move every truncated latent a little). base: the model a fine-tune started from
+    (its steps, minutes and images are added, so the metadata counts the whole training)."""
     if not keep_w_avg:
         z = torch.from_numpy(faces.sample_z(8192, seed=HELD_OUT_SEED + 1)).to(G_ema.mapping.w_avg.device)
         G_ema.mapping.w_avg.copy_(G_ema.mapping(z)[:, 0].mean(dim=0))
-    meta = {**(extra or {}), "training_steps": str(step), "training_minutes": f"{seconds / 60:.1f}",
-            "training_images": str(images if images is not None else step * 16), "renderer": "training/faces.py"}
+    images = images if images is not None else step * 16
+    meta = {**(extra or {}), "renderer": "training/faces.py"}
+    if base:
+        meta["fine_tune"] = json.dumps({"base": base, "steps": step, "minutes": round(seconds / 60, 1), "images": images})
+        step, seconds, images = step + base["steps"], seconds + 60 * base["minutes"], images + base["images"]
+    meta.update({"training_steps": str(step), "training_minutes": f"{seconds / 60:.1f}", "training_images": str(images)})
     if Path(drag_defaults_file).exists():
         meta["drag_defaults"] = Path(drag_defaults_file).read_text()
     save_native(G_ema, path, dtype=dtype, extra_metadata=meta)
@@ -205,6 +211,13 @@ def save_grid(path, real, fake, n=16, scale=3):
     Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)
 
 
+def base_info(path) -> dict:
+    """What a fine-tune starts from, for the exported metadata."""
+    meta = read_native_metadata(path)
+    return {"model": Path(path).name, "steps": int(meta.get("training_steps", 0)),
+            "minutes": float(meta.get("training_minutes", 0)), "images": int(meta.get("training_images", 0))}
+
+
 def mapping_frozen(pattern: str | None) -> bool:
     return bool(pattern) and not any(re.search(pattern, f"mapping.fc{i}.weight") for i in range(8))
 
@@ -282,6 +295,7 @@ def main(argv=None):
     G_ema.load_state_dict(G.state_dict())
     ckpt_path = out / "last.pt"
     source = ckpt_path if ckpt_path.exists() else Path(args.resume_state) if args.resume_state else None
+    base = None  # the model a fine-tune starts from (--init-model)
     if args.init_model and (source is None or not source.exists()):
         from draggan_core.checkpoints import load_generator
         init = load_generator(args.init_model).cpu()
@@ -289,6 +303,7 @@ def main(argv=None):
             p.error(f"--init-model {args.init_model}: not the embedded architecture")
         G.load_state_dict(init.state_dict())  # w_avg included: a frozen mapping keeps it
         G_ema.load_state_dict(init.state_dict())
+        base = base_info(args.init_model)
     pattern = trainable_pattern(args.train_only)
     trainable = [(n, q) for n, q in G.named_parameters() if pattern is None or re.search(pattern, n)]
     if not trainable:
@@ -311,6 +326,7 @@ def main(argv=None):
         opt.load_state_dict(state["opt"])
         step, seconds = int(state["step"]), float(state["seconds"])
         images = int(state.get("images", step * 16))  # states before per-stage batches ran at 16
+        base = state.get("base") or None
         print(f"resumed from {source}: step {step}, {seconds / 60:.1f} min trained", file=sys.stderr)
 
     z_eval = torch.from_numpy(faces.sample_z(64, HELD_OUT_SEED))
@@ -322,10 +338,10 @@ def main(argv=None):
         tmp = out / "last.pt.tmp"
         torch.save({"G": G.state_dict(), "G_ema": G_ema.state_dict(), "opt": opt.state_dict(),
                     "step": step, "seconds": seconds, "images": images, "config": cfg.to_json(),
-                    "train_only": pattern or ""}, tmp)
+                    "train_only": pattern or "", "base": base or {}}, tmp)
         os.replace(tmp, ckpt_path)
         if args.export:
-            export_model(G_ema, args.export, step, seconds, images=images, keep_w_avg=mapping_frozen(pattern))
+            export_model(G_ema, args.export, step, seconds, images=images, keep_w_avg=mapping_frozen(pattern), base=base)
 
     stopping = False
 

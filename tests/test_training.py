@@ -233,6 +233,8 @@ def test_image_head_fine_tune_keeps_every_drag_on_the_same_latent_path(tmp_path)
     state = _run(tmp_path / "head", 3, ["--init-model", str(base), "--train-only", "image-head", "--part-l2", "8",
                                         "--part-scale", "1,3,8,2", "--export", str(tuned_path)])
     assert state["train_only"] == train_embedded.TRAIN_ONLY_PRESETS["image-head"]
+    with pytest.raises(SystemExit):  # resuming a head-only state as a full training would mix the two
+        _run(tmp_path / "head", 4)
     A, B = load_generator(base), load_generator(tuned_path)
     sa, sb = A.state_dict(), B.state_dict()
     changed = {k for k in sa if not torch.equal(sa[k], sb[k])}

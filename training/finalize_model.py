@@ -30,9 +30,10 @@ def main(argv=None):
     G_ema = Generator(GeneratorConfig.from_json(state["config"]))
     G_ema.load_state_dict(state["G_ema"])
     train_only = state.get("train_only") or None
+    base = state.get("base") or (base_info(args.base_model) if args.base_model else None)
     export_model(G_ema, args.out, int(state["step"]), float(state["seconds"]), images=state.get("images"),
                  drag_defaults_file=args.drag_defaults, keep_w_avg=mapping_frozen(train_only),
-                 extra={"fine_tuned_only": train_only} if train_only else None, base=state.get("base") or (base_info(args.base_model) if args.base_model else None))
+                 extra={"fine_tuned_only": train_only} if train_only else None, base=base)
     print(f"wrote {args.out} (step {state['step']}, {state['seconds'] / 60:.1f} min of training)")
 
 

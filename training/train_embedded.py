@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import re
 import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
@@ -308,8 +308,9 @@ def main(argv=None):
     trainable = [(n, q) for n, q in G.named_parameters() if pattern is None or re.search(pattern, n)]
     if not trainable:
         p.error(f"--train-only {args.train_only}: matches no parameter")
+    names = {n for n, _ in trainable}
     for n, q in G.named_parameters():
-        q.requires_grad_(pattern is None or re.search(pattern, n) is not None)
+        q.requires_grad_(n in names)
     ema_pairs = dict(G_ema.named_parameters())
     ema_params = [ema_pairs[n] for n, _ in trainable]
     params = [q for _, q in trainable]
@@ -319,6 +320,9 @@ def main(argv=None):
     step, seconds, images = 0, 0.0, 0
     if source is not None and source.exists():
         state = torch.load(source, weights_only=True, map_location="cpu")  # the optimiser moves its state
+        if (state.get("train_only") or "") != (pattern or ""):
+            p.error(f"{source} was trained with --train-only {state.get('train_only') or '(all parameters)'}; "
+                    f"resume it with the same setting")
         G.load_state_dict(state["G"])
         G_ema.load_state_dict(state["G_ema"])
         for param_state in state["opt"]["state"].values():  # older compact states hold a bf16 step count

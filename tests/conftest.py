@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from draggan_core.models import default_model_path
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +24,7 @@ UI_MAX_STEPS = 300  # DRAGGAN_MAX_STEPS for the test server
 
 def ui_model_path() -> Path:
     """The embedded faces model when present (easy drags reach), else the random-weights fixture."""
-    default = REPO / "checkpoints" / "embedded-faces64.safetensors"
+    default = default_model_path()
     return default if default.is_file() else (FIXTURES / "stylegan2-tiny64-randinit.pkl").resolve()
 
 

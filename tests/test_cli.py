@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from draggan_core import cli
+from draggan_core.models import DEFAULT_MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / ".." / "shared" / "fixtures" / "official"
@@ -124,10 +125,10 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_default_model_missing_is_explained(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "checkpoints" / "embedded-faces64.safetensors")
+    monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "checkpoints" / DEFAULT_MODEL_NAME)
     assert run("render", "--seed", 0, "--out", tmp_path / "o.png") == 2
     err = capsys.readouterr().err
-    assert "embedded-faces64.safetensors" in err and "does not exist" in err and "--model" in err
+    assert DEFAULT_MODEL_NAME in err and "does not exist" in err and "--model" in err
     assert run("info") == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -1,11 +1,11 @@
 """Export the shipped embedded model from the training state (w_avg, fp16, metadata).
 
-    python -m training.finalize_model [--state runs/embedded/last.pt] [--out checkpoints/embedded-faces64.safetensors]
-                                      [--drag-defaults training/embedded_drag_defaults.json]
+    python -m training.finalize_model [--state runs/cpu6h/last.pt] [--out checkpoints/embedded-faces64-parts.safetensors]
+                                      [--drag-defaults training/embedded_parts_drag_defaults.json]
 
 The drag defaults stored in the file's metadata are read from --drag-defaults (each model's are chosen
-on validation edits: training/embedded_drag_defaults.json for the default model,
-training/embedded_parts_drag_defaults.json for the opt-in parts model).
+on validation edits: training/embedded_parts_drag_defaults.json for the default (parts) model,
+training/embedded_drag_defaults.json for the opt-in L1 model embedded-faces64.safetensors).
 """
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ import torch
 
 from draggan_core.models import default_model_path
 from draggan_core.networks import Generator, GeneratorConfig
-from training.train_embedded import DRAG_DEFAULTS_FILE, base_info, export_model, mapping_frozen
+from training.train_embedded import PARTS_DRAG_DEFAULTS_FILE, base_info, export_model, mapping_frozen
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--state", default="runs/embedded/last.pt")
+    p.add_argument("--state", default="runs/cpu6h/last.pt")
     p.add_argument("--out", default=str(default_model_path()))
-    p.add_argument("--drag-defaults", default=str(DRAG_DEFAULTS_FILE), help="JSON drag defaults for the metadata")
+    p.add_argument("--drag-defaults", default=str(PARTS_DRAG_DEFAULTS_FILE), help="JSON drag defaults for the metadata")
     p.add_argument("--base-model", default=None,
                    help="for a fine-tune whose state predates its record of the model it started from")
     args = p.parse_args(argv)

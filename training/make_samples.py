@@ -1,6 +1,6 @@
 """Sample grid and latent interpolation strip of a generator, for the README and the model card.
 
-    python -m training.make_samples [--model checkpoints/embedded-faces64.safetensors] [--out docs]
+    python -m training.make_samples [--model checkpoints/embedded-faces64-parts.safetensors] [--out docs]
 
 Writes OUT/samples.png (seeds 0..31, truncation psi 0.7, as the editor shows them) and
 OUT/interpolation.png (rows: linear interpolation in W between two seeds, 10 steps).

@@ -57,7 +57,8 @@ def embedded_config() -> GeneratorConfig:
     )
 
 
-DRAG_DEFAULTS_FILE = Path(__file__).with_name("embedded_drag_defaults.json")
+DRAG_DEFAULTS_FILE = Path(__file__).with_name("embedded_drag_defaults.json")  # the L1 model's
+PARTS_DRAG_DEFAULTS_FILE = Path(__file__).with_name("embedded_parts_drag_defaults.json")  # the default model's
 
 
 @torch.no_grad()

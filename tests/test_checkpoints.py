@@ -236,9 +236,9 @@ def test_grayscale_model_renders_through_cli(tmp_path):
 
 
 def test_shipped_embedded_models_load_and_carry_their_metadata():
-    """Every generator shipped in checkpoints/ (the default and the opt-in parts model) loads as a
-    native file within the size limit, carries its training record and drag defaults, and renders
-    finite 64 px faces; the model list puts the default first."""
+    """Every generator shipped in checkpoints/ (the default parts model and the opt-in L1 model) loads
+    as a native file within the size limit, carries its training record and drag defaults, and renders
+    finite 64 px faces; the model list puts the default first, and the web UI labels it."""
     import json
     from draggan_core.checkpoints import read_native_metadata
     from draggan_core.models import DEFAULT_MODEL_NAME, drag_defaults_of, list_local_models
@@ -247,6 +247,9 @@ def test_shipped_embedded_models_load_and_carry_their_metadata():
     if not models:
         pytest.skip("no shipped models in checkpoints/")
     assert models[0].name == DEFAULT_MODEL_NAME
+    from webui.state import model_choices
+    labels = [label for label, _ in model_choices()]
+    assert labels[0] == DEFAULT_MODEL_NAME + " (default)" and sum("(default)" in lb for lb in labels) == 1
     assert "landmarks64.safetensors" not in [p.name for p in models]  # the detector is not a generator
     for path in models:
         assert path.stat().st_size <= 50 * 2**20

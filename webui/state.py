@@ -567,7 +567,9 @@ def editor_alpha(value) -> np.ndarray | None:
 
 
 def model_choices() -> list[tuple[str, str]]:
-    return [(p.name, str(p.resolve())) for p in list_local_models()]
+    """(label, path) of the local checkpoints, the default first and labelled as such."""
+    default = default_model_path().name
+    return [(p.name + (" (default)" if p.name == default else ""), str(p.resolve())) for p in list_local_models()]
 
 
 def frame_due(last_yield: float, now: float | None = None) -> bool:

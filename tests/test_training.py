@@ -1,9 +1,14 @@
 """Fast smoke tests of the training scripts (the real runs are hours; these exercise the same code)."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from training import faces, train_embedded
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_part_weights_follow_the_per_part_scale():
@@ -263,3 +268,20 @@ def test_image_head_fine_tune_keeps_every_drag_on_the_same_latent_path(tmp_path)
     assert torch.equal(runs[0][0], runs[1][0])          # the same latent after 6 steps
     assert runs[0][2] == runs[1][2]                      # the same tracked handles and losses at every step
     assert np.abs(runs[0][1].astype(int) - runs[1][1].astype(int)).max() > 0  # a different image
+
+
+def test_sweeps_start_from_the_swept_models_own_drag_defaults():
+    """A sweep of the default (parts) model starts from its own lr (8e-3), not the L1 model's; a bare
+    snapshot without drag defaults starts from the L1 model's file; --set values win."""
+    from draggan_core.models import default_model_path, drag_defaults_of
+    from training.sweep_drag import base_drag_defaults
+    from training.train_embedded import DRAG_DEFAULTS_FILE
+    l1 = json.loads(DRAG_DEFAULTS_FILE.read_text())
+    model = default_model_path()
+    if model.is_file():
+        own = drag_defaults_of(model)
+        assert own and own != l1 and base_drag_defaults(model) == own
+        assert base_drag_defaults(model, {"r1": 4.0}) == {**own, "r1": 4.0}
+    bare = REPO.parent / "shared" / "fixtures" / "official" / "stylegan2-tiny64-randinit.pkl"
+    assert drag_defaults_of(bare) == {}
+    assert base_drag_defaults(bare) == l1

@@ -18,12 +18,13 @@ import itertools
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from draggan_core.checkpoints import load_generator
 from draggan_core.evaluation import EvalConfig, evaluate, load_detector
-from draggan_core.models import default_model_path
+from draggan_core.models import default_model_path, drag_defaults_of
 from training.model_metrics import drag_success
 from training.train_embedded import DRAG_DEFAULTS_FILE
 
@@ -44,6 +45,13 @@ GRID = {
     "lr": [2e-3, 4e-3],
     "lambda_mask": [20.0, 5.0, 1.0, 0.2],  # only matters with --mask
 }
+
+
+def base_drag_defaults(model, fixed: dict | None = None) -> dict:
+    """The settings every row starts from: the model's own drag defaults (its file's metadata), else
+    the L1 model's file (bare training snapshots carry none), then the --set values."""
+    own = drag_defaults_of(Path(model)) or json.loads(DRAG_DEFAULTS_FILE.read_text())
+    return {**own, **(fixed or {})}
 
 
 def main(argv=None):
@@ -67,7 +75,7 @@ def main(argv=None):
     grid = {k: v for k, v in GRID.items() if args.only is None or k in args.only.split(",")}
     grid = {k: v for k, v in grid.items() if k not in fixed and (args.mask or k != "lambda_mask")}
     keys = list(grid)
-    base_defaults = {**json.loads(DRAG_DEFAULTS_FILE.read_text()), **fixed}
+    base_defaults = base_drag_defaults(args.model, fixed)
     if args.quick:  # the current defaults, then one setting changed at a time
         base = {k: base_defaults.get(k, v[0]) for k, v in grid.items()}
         configs = [base] + [{**base, k: v} for k in keys for v in grid[k] if v != base[k]]

@@ -45,7 +45,10 @@ def test_training_is_resumable_and_deterministic(tmp_path):
         assert torch.equal(v, resumed["G_ema"][k]), k
     from draggan_core.checkpoints import load_generator, read_native_metadata
     G = load_generator(tmp_path / "m.safetensors")
-    assert G.img_resolution == 64 and read_native_metadata(tmp_path / "m.safetensors")["training_steps"] == "4"
+    snapshot_meta = read_native_metadata(tmp_path / "m.safetensors")
+    assert G.img_resolution == 64 and snapshot_meta["training_steps"] == "4"
+    # snapshots carry the default model's drag defaults unless --drag-defaults names others
+    assert snapshot_meta["drag_defaults"] == train_embedded.PARTS_DRAG_DEFAULTS_FILE.read_text()
     assert (tmp_path / "a" / "samples_latest.png").is_file()
     # finalize_model exports the same weights, with the drag defaults of the file it is given
     import json

@@ -63,7 +63,7 @@ PARTS_DRAG_DEFAULTS_FILE = Path(__file__).with_name("embedded_parts_drag_default
 
 @torch.no_grad()
 def export_model(G_ema: Generator, path, step: int, seconds: float, dtype=torch.float16, images: int | None = None,
-                 drag_defaults_file: Path = DRAG_DEFAULTS_FILE, keep_w_avg: bool = False, extra: dict | None = None,
+                 drag_defaults_file: Path = PARTS_DRAG_DEFAULTS_FILE, keep_w_avg: bool = False, extra: dict | None = None,
                  base: dict | None = None):
     """Write the shipped checkpoint: w_avg set to the mean W (truncation needs it), fp16 weights,
     training facts and the drag defaults chosen by the evaluation sweep in the metadata.
@@ -276,7 +276,12 @@ def main(argv=None):
                    help="train only the parameters whose names match (preset: image-head = every ToRGB layer "
                         "and the last block); the rest stay frozen, G_ema included")
     p.add_argument("--export", default=None, help="also write G_ema as native safetensors (fp16) here")
+    p.add_argument("--drag-defaults", default=str(PARTS_DRAG_DEFAULTS_FILE), metavar="JSON",
+                   help="drag defaults written into --export snapshots (default: the default model's, "
+                        "training/embedded_parts_drag_defaults.json; finalize_model sets the final ones)")
     args = p.parse_args(argv)
+    if args.export and not Path(args.drag_defaults).is_file():
+        p.error(f"--drag-defaults {args.drag_defaults}: no such file")
     args.schedule_stages = json.loads(Path(args.schedule).read_text())["stages"] if args.schedule else []
     for scale in [args.part_scale] + [stage.get("part_scale", args.part_scale) for stage in args.schedule_stages]:
         if len(parse_part_scale(scale)) not in (len(faces.PART_NAMES) - 1, len(faces.PART_NAMES)):
@@ -346,7 +351,8 @@ def main(argv=None):
                     "train_only": pattern or "", "base": base or {}}, tmp)
         os.replace(tmp, ckpt_path)
         if args.export:
-            export_model(G_ema, args.export, step, seconds, images=images, keep_w_avg=mapping_frozen(pattern), base=base)
+            export_model(G_ema, args.export, step, seconds, images=images, keep_w_avg=mapping_frozen(pattern), base=base,
+                         drag_defaults_file=Path(args.drag_defaults))
 
     stopping = False
 

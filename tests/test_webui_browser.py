@@ -170,6 +170,9 @@ def test_stop_resume_upload_and_export(ui_server, page: Page, tmp_path):
     assert current_step(page) == stopped  # really stopped
     # clicks work after Stop; Start resumes from the kept state
     click_model_pixel(page, 30, 30, rect)
+    # wait for the server's answer before the target click, as a user does: a click landing while a
+    # busy browser swaps in the new frame was once lost by gradio's frontend (never sent)
+    wait_text(page, "points", r"handle \(30, 30\) placed", 45_000)
     click_model_pixel(page, 31, 33, rect)
     wait_text(page, "points", r"2: handle \(30, 30\) -> target \(31, 33\)", 45_000)
     page.mouse.click(*start)

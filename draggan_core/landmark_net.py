@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DETECTOR_PATH = REPO_ROOT / "checkpoints" / "landmarks64.safetensors"
 DETECTOR_FORMAT = "draggan-landmarks-v1"
 
-# Same order as training.faces.LANDMARK_NAMES (duplicated so the app does not import training/).
+# The renderer's landmarks, in its output order (training.faces imports this list).
 LANDMARK_NAMES: tuple[str, ...] = (
     "eye_left_outer", "eye_left_inner", "eye_right_inner", "eye_right_outer",
     "eye_left_top", "eye_left_bottom", "eye_right_top", "eye_right_bottom",

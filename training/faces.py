@@ -26,6 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+# the one list of landmark names (and their order) lives in the core: the app's detector needs it
+from draggan_core.landmark_net import LANDMARK_NAMES
+
 # --------------------------------------------------------------------------
 # Parameters
 # --------------------------------------------------------------------------
@@ -68,16 +71,6 @@ PARAMS: tuple[tuple[str, float, float], ...] = (
 PARAM_NAMES: tuple[str, ...] = tuple(p[0] for p in PARAMS)
 PARAM_DIM: int = len(PARAMS)
 
-LANDMARK_NAMES: tuple[str, ...] = (
-    "eye_left_outer", "eye_left_inner", "eye_right_inner", "eye_right_outer",
-    "eye_left_top", "eye_left_bottom", "eye_right_top", "eye_right_bottom",
-    "pupil_left", "pupil_right",
-    "brow_left_outer", "brow_left_inner", "brow_right_inner", "brow_right_outer",
-    "nose_tip", "nostril_left", "nostril_right",
-    "mouth_left", "mouth_right", "lip_upper", "lip_lower",
-    "chin", "jaw_left_mouth", "jaw_right_mouth", "jaw_left_eye", "jaw_right_eye",
-    "ear_left", "ear_right",
-)
 PART_NAMES: tuple[str, ...] = ("eyes", "brows", "nose", "mouth", "ears")
 # loss-region masks; the parts check (training/model_metrics.py) looks at the first four only
 

@@ -63,10 +63,10 @@ PARTS_DRAG_DEFAULTS_FILE = Path(__file__).with_name("embedded_parts_drag_default
 
 @torch.no_grad()
 def export_model(G_ema: Generator, path, step: int, seconds: float, dtype=torch.float16, images: int | None = None,
-                 drag_defaults_file: Path = PARTS_DRAG_DEFAULTS_FILE, keep_w_avg: bool = False, extra: dict | None = None,
+                 drag_defaults: str | None = None, keep_w_avg: bool = False, extra: dict | None = None,
                  base: dict | None = None):
     """Write the shipped checkpoint: w_avg set to the mean W (truncation needs it), fp16 weights,
-    training facts and the drag defaults chosen by the evaluation sweep in the metadata.
+    training facts and the drag defaults (JSON text, chosen by the evaluation sweep) in the metadata.
     keep_w_avg: the mapping was frozen, so the w_avg it came with stays (recomputing it from fp16
     weights would move every truncated latent a little). base: the model a fine-tune started from
     (its steps, minutes and images are added, so the metadata counts the whole training)."""
@@ -79,9 +79,18 @@ def export_model(G_ema: Generator, path, step: int, seconds: float, dtype=torch.
         meta["fine_tune"] = json.dumps({"base": base, "steps": step, "minutes": round(seconds / 60, 1), "images": images})
         step, seconds, images = step + base["steps"], seconds + 60 * base["minutes"], images + base["images"]
     meta.update({"training_steps": str(step), "training_minutes": f"{seconds / 60:.1f}", "training_images": str(images)})
-    if Path(drag_defaults_file).exists():
-        meta["drag_defaults"] = Path(drag_defaults_file).read_text()
+    if drag_defaults:
+        meta["drag_defaults"] = drag_defaults
     save_native(G_ema, path, dtype=dtype, extra_metadata=meta)
+
+
+def read_drag_defaults(path, parser: argparse.ArgumentParser) -> str:
+    """The --drag-defaults file's JSON text, read once up front: a wrong path stops the command
+    before any work instead of writing a model without its drag defaults."""
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        parser.error(f"--drag-defaults {path}: {e.strerror}")
 
 
 def compact_state(state: dict) -> dict:
@@ -280,8 +289,7 @@ def main(argv=None):
                    help="drag defaults written into --export snapshots (default: the default model's, "
                         "training/embedded_parts_drag_defaults.json; finalize_model sets the final ones)")
     args = p.parse_args(argv)
-    if args.export and not Path(args.drag_defaults).is_file():
-        p.error(f"--drag-defaults {args.drag_defaults}: no such file")
+    drag_defaults = read_drag_defaults(args.drag_defaults, p) if args.export else None
     args.schedule_stages = json.loads(Path(args.schedule).read_text())["stages"] if args.schedule else []
     for scale in [args.part_scale] + [stage.get("part_scale", args.part_scale) for stage in args.schedule_stages]:
         if len(parse_part_scale(scale)) not in (len(faces.PART_NAMES) - 1, len(faces.PART_NAMES)):
@@ -352,7 +360,7 @@ def main(argv=None):
         os.replace(tmp, ckpt_path)
         if args.export:
             export_model(G_ema, args.export, step, seconds, images=images, keep_w_avg=mapping_frozen(pattern), base=base,
-                         drag_defaults_file=Path(args.drag_defaults))
+                         drag_defaults=drag_defaults)
 
     stopping = False
 

@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DETECTOR_PATH = REPO_ROOT / "checkpoints" / "landmarks64.safetensors"
+from .paths import CHECKPOINTS_DIR
+
+DEFAULT_DETECTOR_PATH = CHECKPOINTS_DIR / "landmarks64.safetensors"
 DETECTOR_FORMAT = "draggan-landmarks-v1"
 
 # The renderer's landmarks, in its output order (training.faces imports this list).

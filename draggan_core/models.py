@@ -12,9 +12,8 @@ from pathlib import Path
 
 from .checkpoints import NATIVE_FORMAT, CheckpointError, load_generator, read_native_metadata
 from .networks import Generator
+from .paths import CHECKPOINTS_DIR
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINTS_DIR = REPO_ROOT / "checkpoints"
 # the ~6 h CPU recipe with a squared error on the face parts: the only model meeting every bar of the
 # embedded-model issue (checkpoints/README.md); the L1 model embedded-faces64.safetensors is opt-in
 DEFAULT_MODEL_NAME = "embedded-faces64-parts.safetensors"

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Continue the embedded model's training on a lent GPU machine (`run` tool of this workplace) within one
-# call: two short smoke runs that each end by a hard time limit with a traceback (faulthandler on SIGABRT),
-# a probe of the step rate, then one more schedule stage sized to the time left. Writes everything to $OUT.
-# History: the first try (an H200) hung with no traceback; the second showed where (faulthandler on SIGABRT):
-# closing the render pool after 400 fine GPU steps (fixed in BatchStream.close); the third trained 7,600 steps
-# at batch 128 in ~5 min, a fourth 2,000 more (STEPS=2000 skips the probe). Each stage stays time-limited.
+# Continue the embedded model's training on a GPU machine within one fixed time budget: a 20-step
+# smoke run of the render workers, a probe of the GPU step rate, then one schedule stage sized to the
+# time left, exported to $OUT/model.safetensors with its compact state, logs and samples (OUT: an
+# existing folder). Every part runs under a hard time limit that ends it with a Python traceback
+# (faulthandler on SIGABRT), so a hang shows where it was instead of only timing out.
+# Environment: STATE and BASE_SCHEDULE (the state to continue and the schedule that produced it), STAGE
+# (JSON settings of the new stage), DEADLINE (seconds from the start by which the state is saved),
+# STEPS (a fixed stage length; skips the probe), SMOKE=0 (skips the smoke run), WORKERS, DEVICE.
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 GRADIO_ANALYTICS_ENABLED=False
 DEADLINE=${DEADLINE:-540}            # seconds after the start of this script by which the state must be saved
 MAX_STEPS_STAGE=${MAX_STEPS_STAGE:-60000}
 DEVICE=${DEVICE:-cuda} PROBE_STEPS=${PROBE_STEPS:-400}
 STATE=${STATE:-training/state/embedded-last.pt}          # the state to continue from
-BASE_SCHEDULE=${BASE_SCHEDULE:-training/embedded_schedule_cpu6h.json}  # its schedule so far (the committed state is the parts model's)
+BASE_SCHEDULE=${BASE_SCHEDULE:-training/embedded_schedule_cpu6h.json}  # its schedule (the committed state is the default model's)
 START=$(python3 -c "import torch; print(int(torch.load('$STATE', weights_only=True)['step']))")
 STAGE=${STAGE:-'{"lr": 0.002, "part_scale": "1,2,4,2", "batch": 64}'}
 echo "start step $START, stage $STAGE"

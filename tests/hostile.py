@@ -7,19 +7,17 @@ referenced globals are exactly the names an attacker would use.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import struct
-import sys
-import types
 import warnings
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from official_pickle import dump_snapshot, fake_official_modules, persistent_network
 
 # --------------------------------------------------------------------------------------------------
 # a tiny pickle assembler
@@ -136,60 +134,22 @@ def torch_zip_with_data_pkl(data_pkl: bytes) -> bytes:
 # a *valid* NVIDIA-style pickle whose embedded module source is hostile
 # --------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _fake_persistence_module():
-    """Register a harmless `torch_utils.persistence` so pickle can reference that name while dumping."""
-    names = ("torch_utils", "torch_utils.persistence")
-    saved = {n: sys.modules.get(n) for n in names}
-    pkg = types.ModuleType("torch_utils")
-    mod = types.ModuleType("torch_utils.persistence")
-
-    def _reconstruct_persistent_obj(meta):  # never called: we only dump
-        raise AssertionError("not for loading")
-
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    pkg.persistence = mod
-    sys.modules.update({"torch_utils": pkg, "torch_utils.persistence": mod})
-    try:
-        yield mod
-    finally:
-        for n, m in saved.items():
-            if m is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = m
-
-
-class _Persistent:
-    def __init__(self, fn, meta):
-        self.fn, self.meta = fn, meta
-
-    def __reduce__(self):
-        return self.fn, (self.meta,)
-
-
 def nvidia_style_pickle(G: torch.nn.Module, module_src: str, init_kwargs: dict) -> bytes:
-    """Pickle G the way torch_utils.persistence does (module records with state), with `module_src`."""
-    with _fake_persistence_module() as mod:
+    """A training snapshot holding G pickled as torch_utils.persistence does, with `module_src`."""
+    with fake_official_modules() as fake:
         def record(module: torch.nn.Module, class_name: str, kwargs=None):
             state = {
                 "training": False,
-                "_parameters": OrderedDict((k, v) for k, v in module._parameters.items()),
-                "_buffers": OrderedDict((k, v) for k, v in module._buffers.items()),
-                "_modules": OrderedDict((k, record(m, type(m).__name__)) for k, m in module._modules.items()),
+                "_parameters": dict(module._parameters),
+                "_buffers": dict(module._buffers),
+                "_modules": {k: record(m, type(m).__name__) for k, m in module._modules.items()},
                 "_init_args": (),
                 "_init_kwargs": kwargs or {},
             }
-            meta = {"type": "class", "version": 6, "module_src": module_src, "class_name": class_name,
-                    "state": state}
-            return _Persistent(mod._reconstruct_persistent_obj, meta)
+            return persistent_network(fake, class_name, state, module_src)
 
         g = record(G, "Generator", init_kwargs)
-        import pickle
-        return pickle.dumps({"G": g, "D": None, "G_ema": g, "augment_pipe": None,
-                             "training_set_kwargs": None}, protocol=4)
+        return dump_snapshot({"G": g, "D": None, "G_ema": g, "augment_pipe": None, "training_set_kwargs": None})
 
 
 # --------------------------------------------------------------------------------------------------

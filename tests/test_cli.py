@@ -13,19 +13,15 @@ from PIL import Image
 
 from draggan_core import cli
 from draggan_core.models import DEFAULT_MODEL_NAME
+from official_pickle import FIXTURES, tiny64_pickle
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / ".." / "shared" / "fixtures" / "official"
-PKL = FIXTURES / "stylegan2-tiny64-randinit.pkl"
+PKL = tiny64_pickle()  # an official-format training snapshot, written at test time
 SEED0 = FIXTURES / "tiny64_seed0.npz"
-
-needs_fixture = pytest.mark.skipif(not PKL.is_file(), reason="shared official fixture not present")
 
 
 @pytest.fixture(scope="module")
 def ref():
-    if not SEED0.is_file():
-        pytest.skip("shared official fixture not present")
     with np.load(SEED0) as d:
         return {k: d[k] for k in d.files}
 
@@ -34,7 +30,6 @@ def run(*args) -> int:
     return cli.main([str(a) for a in args])
 
 
-@needs_fixture
 def test_render_seed_matches_official(tmp_path, ref):
     out, raw = tmp_path / "seed0.png", tmp_path / "seed0.npy"
     assert run("render", "--model", PKL, "--seed", 0, "--out", out, "--raw", raw) == 0
@@ -48,7 +43,6 @@ def test_render_seed_matches_official(tmp_path, ref):
     assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3
 
 
-@needs_fixture
 def test_render_latent_matches_official(tmp_path, ref):
     w = tmp_path / "w.npy"
     np.save(w, ref["w_plus"])
@@ -62,7 +56,6 @@ def test_render_latent_matches_official(tmp_path, ref):
     assert np.abs(np.load(raw2) - np.load(raw)).max() < 1e-6
 
 
-@needs_fixture
 def test_save_latent_round_trip(tmp_path, ref):
     w = tmp_path / "sub" / "w.npy"
     raw_a, raw_b = tmp_path / "a.npy", tmp_path / "b.npy"
@@ -76,7 +69,6 @@ def test_save_latent_round_trip(tmp_path, ref):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
 
 
-@needs_fixture
 def test_render_options(tmp_path):
     outs = {}
     for mode in ("const", "none", "random"):
@@ -91,7 +83,6 @@ def test_render_options(tmp_path):
     assert not np.array_equal(np.load(raw), outs["const"])
 
 
-@needs_fixture
 def test_render_errors_exit_2_with_one_line(tmp_path, capsys):
     bad_w = tmp_path / "bad.npy"
     np.save(bad_w, np.zeros((3, 3), np.float32))
@@ -133,7 +124,6 @@ def test_default_model_missing_is_explained(tmp_path, monkeypatch, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-@needs_fixture
 def test_default_model_is_used(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "DEFAULT_MODEL", PKL)
     assert run("info") == 0
@@ -173,7 +163,6 @@ def test_errors_raised_by_commands_become_exit_2(capsys):
         cli.COMMANDS.pop("boom-test")
 
 
-@needs_fixture
 def test_subprocess_render_and_error(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     out = tmp_path / "s.png"

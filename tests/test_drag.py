@@ -1,6 +1,4 @@
 """Drag engine: official-trajectory parity, exactness of our fast formulation, session semantics."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -9,13 +7,13 @@ import torch.nn.functional as F
 from draggan_core.checkpoints import load_generator
 from draggan_core.drag import DragConfig, DragError, DragSession, _FeatureWindow, disc_offsets
 from draggan_core.windowed import features_in_window
+from official_pickle import FIXTURES, tiny64_pickle
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "official"
 
 
 @pytest.fixture(scope="module")
 def G():
-    return load_generator(FIXTURES / "stylegan2-tiny64-randinit.pkl")
+    return load_generator(tiny64_pickle())
 
 
 @pytest.fixture(scope="module")

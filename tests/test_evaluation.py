@@ -10,21 +10,18 @@ import pytest
 import torch
 
 from draggan_core import evaluation as ev
-from draggan_core.landmark_net import DEFAULT_DETECTOR_PATH, Detection, LandmarkDetector, LandmarkNet
+from draggan_core.landmark_net import Detection, LandmarkDetector, LandmarkNet
+from official_pickle import tiny64_pickle
 
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = (REPO / ".." / "shared" / "fixtures" / "official" / "stylegan2-tiny64-randinit.pkl").resolve()
-needs_fixture = pytest.mark.skipif(not FIXTURE.is_file(), reason="fixture generator not found")
-needs_detector = pytest.mark.skipif(not DEFAULT_DETECTOR_PATH.is_file(), reason="detector weights not trained")
+FIXTURE = tiny64_pickle()  # random-weights generator in an official-format snapshot
 
 
 @pytest.fixture(scope="module")
 def G():
     from draggan_core.checkpoints import load_generator
-    if not FIXTURE.is_file():
-        pytest.skip("fixture generator not found")
     return load_generator(FIXTURE)
 
 
@@ -80,7 +77,6 @@ def test_choose_points_modes():
     assert len(one) == 1 and one[0] != names.index("ear_left")
 
 
-@needs_fixture
 def test_protocol_mechanics_with_known_landmarks(G):
     from draggan_core.latents import seed_to_w
     from draggan_core.networks import to_uint8_image
@@ -105,15 +101,12 @@ def test_protocol_mechanics_with_known_landmarks(G):
     assert r["reduction"] == pytest.approx(100 * (r["md_before"] - r["md_after"]) / r["md_before"])
 
 
-@needs_fixture
 def test_mask_mode_reports_outside_change(G):
     r = ev.evaluate(G, StubDetector(), ev.EvalConfig(pairs=1, points="1", steps=2, mask=True))
     for key in ("outside_change_nomask", "outside_change_mask", "md_after_mask", "seconds_per_edit_mask"):
         assert key in r and np.isfinite(r[key])
 
 
-@needs_fixture
-@needs_detector
 def test_cli_json_last_line(capsys):
     from draggan_core.cli import main
     rc = main(["eval", "--model", str(FIXTURE), "--pairs", "2", "--steps", "2", "--points", "1",
@@ -130,7 +123,6 @@ def test_cli_rejects_bad_pairs(capsys):
     assert "pairs" in capsys.readouterr().err
 
 
-@needs_detector
 def test_detector_error_on_renders():
     from training import faces
     det = LandmarkDetector.load()
@@ -147,7 +139,6 @@ def test_detector_error_on_renders():
     assert (d2.points - (d8.points * 2 + 0.5)).abs().max() < 1.5
 
 
-@needs_detector
 def test_part_checks_fail_on_blank_and_blurry_faces():
     from training import faces
     from training.landmarks import gaussian_blur
@@ -162,7 +153,6 @@ def test_part_checks_fail_on_blank_and_blurry_faces():
     assert part_checks(blurry, det)["all_parts"].mean() <= 0.25
 
 
-@needs_detector
 def test_mouth_check_sees_open_mouths():
     """Open mouths show teeth, neither redder nor darker than the cheek everywhere: the check must
     still find them (it missed 2 of these 16 before the teeth test), and blurring removes the teeth."""
@@ -179,13 +169,10 @@ def test_mouth_check_sees_open_mouths():
 
 
 @pytest.mark.slow
-@needs_detector
 def test_protocol_on_embedded_model():
     from draggan_core.checkpoints import load_generator
     from draggan_core.models import default_model_path, drag_defaults_of
     path = default_model_path()
-    if not path.is_file():
-        pytest.skip("embedded model not trained yet")
     r = ev.evaluate(load_generator(path), LandmarkDetector.load(), ev.EvalConfig(pairs=3, points="5", steps=60),
                     model_defaults=drag_defaults_of(path))
     assert r["pairs"] == 3 and np.isfinite(r["md_after"]) and r["md_before"] > 0
@@ -199,7 +186,6 @@ def test_detector_landmark_names_match_the_renderer():
     assert LANDMARK_NAMES == faces.LANDMARK_NAMES
 
 
-@needs_fixture
 def test_protocol_uses_sub_pixel_points_unless_rounding_is_asked(G, monkeypatch):
     seen = []
     real = ev.drag_edit
@@ -217,7 +203,6 @@ def test_protocol_uses_sub_pixel_points_unless_rounding_is_asked(G, monkeypatch)
     assert np.array_equal(h, np.rint(h)) and np.array_equal(t, np.rint(t))
 
 
-@needs_detector
 def test_mirrored_detection_is_exactly_flip_equivariant():
     from training import faces
     det = LandmarkDetector.load()
@@ -231,7 +216,6 @@ def test_mirrored_detection_is_exactly_flip_equivariant():
     assert (single.points - d.points).abs().max() > 1e-3  # the augmentation does change the points
 
 
-@needs_detector
 def test_shift_averaging_lowers_the_error_on_held_out_renders():
     from training import faces
     batch = faces.render(faces.sample_z(48, 30000001))
@@ -249,7 +233,6 @@ def test_shift_averaging_lowers_the_error_on_held_out_renders():
     assert (moved[inner].mean(0) - torch.tensor([1.0, -1.0])).abs().max() < 0.15
 
 
-@needs_detector
 def test_model_metrics_quick_run_reports_every_metric():
     from draggan_core.checkpoints import load_generator
     from draggan_core.models import default_model_path

@@ -1,7 +1,5 @@
-"""Our generator against the official NVIDIA outputs stored in the shared fixture."""
+"""Our generator against the official NVIDIA outputs stored in tests/fixtures/official."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,17 +8,14 @@ import torch
 from draggan_core.checkpoints import load_generator
 from draggan_core.latents import load_latent, seed_to_w, seed_to_z
 from draggan_core.networks import to_uint8_image
+from official_pickle import FIXTURES, tiny64_pickle
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "official"
-PKL = FIXTURES / "stylegan2-tiny64-randinit.pkl"
 SEED0 = FIXTURES / "tiny64_seed0.npz"
-
-pytestmark = pytest.mark.skipif(not PKL.is_file(), reason="shared official fixture not present")
 
 
 @pytest.fixture(scope="module")
 def G():
-    return load_generator(PKL)
+    return load_generator(tiny64_pickle())
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,9 @@ from draggan_core.networks import Generator, GeneratorConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hostile  # noqa: E402
+from official_pickle import tiny64_pickle  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / ".." / "shared" / "fixtures" / "official"
-PKL = FIXTURES / "stylegan2-tiny64-randinit.pkl"
 
 # torch warns about pickle protocol 3 in hand-made payloads; irrelevant here
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -131,10 +130,9 @@ def test_garbage_bytes(tmp_path):
     assert_checkpoint_refused(tmp_path / "does-not-exist.pkl", "no such file")
 
 
-@pytest.mark.skipif(not PKL.is_file(), reason="shared official fixture not present")
 def test_truncated_fixture_pickle(tmp_path):
     path = tmp_path / "truncated.pkl"
-    path.write_bytes(hostile.truncated(PKL.read_bytes()))
+    path.write_bytes(hostile.truncated(tiny64_pickle().read_bytes()))
     assert_checkpoint_refused(path, "truncated")
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("gradio_client")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import load_test  # noqa: E402
 

@@ -14,13 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
-
-gradio_client = pytest.importorskip("gradio_client")
-httpx = pytest.importorskip("httpx")
-from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client import Client, handle_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

@@ -19,10 +19,10 @@ from draggan_core.networks import Generator, GeneratorConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hostile  # noqa: E402
+from official_pickle import tiny64_pickle  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / ".." / "shared" / "fixtures" / "official"
-PKL = FIXTURES / "stylegan2-tiny64-randinit.pkl"
+PKL = tiny64_pickle()  # an official-format training snapshot, written at test time
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -227,7 +227,6 @@ def test_bad_mask_images_are_refused(tmp_path, name, data, words):
     assert words in msg and str(path) in msg and "\n" not in msg, msg
 
 
-@pytest.mark.skipif(not PKL.is_file(), reason="shared official fixture not present")
 def test_cli_drag_with_bad_masks_exits_2_with_one_line(tmp_path, capsys):
     cases = {"bomb.png": hostile.png_bomb(9000, 9000), "garbage.png": hostile.garbage_bytes(3000),
              "truncated.png": hostile.truncated_png()}
@@ -253,7 +252,6 @@ def test_cli_drag_with_bad_masks_exits_2_with_one_line(tmp_path, capsys):
         assert not (tmp_path / "o.png").exists()
 
 
-@pytest.mark.skipif(not PKL.is_file(), reason="shared official fixture not present")
 def test_cli_drag_tracking_options_reach_the_session(tmp_path):
     import json
     log = tmp_path / "log.json"

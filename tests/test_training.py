@@ -280,11 +280,11 @@ def test_sweeps_start_from_the_swept_models_own_drag_defaults():
     from training.sweep_drag import base_drag_defaults
     from training.train_embedded import DRAG_DEFAULTS_FILE
     l1 = json.loads(DRAG_DEFAULTS_FILE.read_text())
-    model = default_model_path()
-    if model.is_file():
-        own = drag_defaults_of(model)
-        assert own and own != l1 and base_drag_defaults(model) == own
-        assert base_drag_defaults(model, {"r1": 4.0}) == {**own, "r1": 4.0}
-    bare = REPO.parent / "shared" / "fixtures" / "official" / "stylegan2-tiny64-randinit.pkl"
+    model = default_model_path()  # shipped in checkpoints/
+    own = drag_defaults_of(model)
+    assert own and own != l1 and base_drag_defaults(model) == own
+    assert base_drag_defaults(model, {"r1": 4.0}) == {**own, "r1": 4.0}
+    from official_pickle import tiny64_pickle
+    bare = tiny64_pickle()  # an official-format snapshot: no drag defaults in it
     assert drag_defaults_of(bare) == {}
     assert base_drag_defaults(bare) == l1

@@ -7,12 +7,10 @@ import time
 
 import numpy as np
 import pytest
+from gradio_client import Client, handle_file
 from PIL import Image
 
-gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
-
-from draggan_core.recipe import Recipe  # noqa: E402
+from draggan_core.recipe import Recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -204,7 +202,8 @@ def test_two_clients_no_crosstalk(ui_server):
 
 def test_model_switch_and_load_failure_keep_session(tmp_path):
     """State layer (no server): a broken checkpoint gives a UIError and the previous model is kept."""
-    from conftest import FIXTURES, ui_model_path
+    from conftest import ui_model_path
+    from official_pickle import tiny64_pickle
     from webui.state import EditorState, UIError
 
     st = EditorState.create(ui_model_path(), seed=1)
@@ -215,7 +214,7 @@ def test_model_switch_and_load_failure_keep_session(tmp_path):
     with pytest.raises(UIError, match="cannot load model broken.pkl"):
         st.set_model(garbage)
     assert st.model_path == str(ui_model_path()) and len(st.session.pairs) == 1
-    st.set_model((FIXTURES / "stylegan2-tiny64-randinit.pkl").resolve())
+    st.set_model(tiny64_pickle())
     assert st.resolution == 64 and len(st.session.pairs) == 1  # same resolution: points kept
     assert st.display().shape == (512, 512, 3)
     st.cleanup()

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from playwright.sync_api import Page
 from PIL import Image
-
-pytest.importorskip("playwright")
-from playwright.sync_api import Page  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore")]
 

@@ -1,23 +1,20 @@
-"""Launch the DragGAN web UI: python app.py [--model M] [--host 127.0.0.1] [--port 7860] [--share].
+"""Launch the DragGAN web UI: python app.py [--model M] [--device auto|cpu|cuda|mps] [--host H]
+[--port P] [--share].
 
 Also a Gradio Space entry point: this module exposes `demo`. Environment: PORT (default port),
-DRAGGAN_MODEL (checkpoint), DRAGGAN_MAX_STEPS (upper bound on steps per run).
+DRAGGAN_MODEL (checkpoint), DRAGGAN_DEVICE (device), DRAGGAN_MAX_STEPS (upper bound on steps per run),
+DRAGGAN_TORCH_THREADS (CPU threads the app may use).
 """
 import os
 import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from webui.app import build_demo, launch, parse_args  # noqa: E402
-from webui.state import UIError  # noqa: E402
+from webui.app import build_demo, main  # noqa: E402
+from webui.state import configure_device  # noqa: E402
 
 if __name__ == "__main__":
-    args = parse_args()
-    try:
-        demo = build_demo(args.model)
-    except UIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    launch(demo, args.host, args.port, args.share)
-else:
+    sys.exit(main())
+else:  # imported by a Space runner, which calls demo.launch() itself
+    configure_device(None)
     demo = build_demo()

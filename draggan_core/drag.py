@@ -30,13 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .devices import fused_modconv_for
 from .networks import Generator, to_uint8_image
 from .windowed import features_in_window
 
 COMPAT_MODES = ("ours", "official")
-# Scale activations rather than weights in the drag step: with frozen weights the backward pass then
-# needs no weight gradient (measured in the README's benchmark section).
-FUSED_MODCONV = False
 
 
 @dataclass
@@ -45,7 +43,8 @@ class DragConfig:
     lr: float | None = None
     r1: float | None = None            # motion-supervision disc radius, image pixels
     r2: int | None = None              # point-tracking half window, image pixels
-    lambda_mask: float | None = None   # weight of the keep-outside-the-mask term
+    lambda_mask: float | None = None   # weight of the keep-outside-the-mask term on the feature block
+    lambda_image: float | None = None  # weight of the same term on the image (mean |G(w) - G(w0)|, RGB in [-1, 1])
     feature_res: int | None = None     # feature block by resolution; default 6th block or the last
     track_res: int | None = None       # block whose features track the handles (default: feature_res)
     num_optimized_ws: int | None = None  # style vectors optimised (paper: the first 6)
@@ -61,14 +60,22 @@ class DragConfig:
     compat: str = "ours"
     windowed: bool = True              # compute features only around the handles when no mask is set
 
-    def resolve(self, G: Generator, num_points: int, model_defaults: dict | None = None) -> "DragConfig":
-        """Fill the None fields for this generator (model card defaults first, then generic rules)."""
+    def resolve(self, G: Generator, num_points: int, model_defaults: dict | None = None,
+                masked: bool = False) -> "DragConfig":
+        """Fill the None fields for this generator (model card defaults first, then generic rules).
+
+        masked: a mask is set, so the model's mask settings (the "mask" dict inside its drag
+        defaults) replace its other defaults where they name the same setting.
+        """
         res = G.img_resolution
         md = dict(model_defaults or {})
+        mask_md = md.pop("mask", None)
         c = dataclasses.replace(self)
         if c.compat not in COMPAT_MODES:
             raise ValueError(f"compat must be one of {COMPAT_MODES}")
         official = c.compat == "official"
+        if masked and isinstance(mask_md, dict):
+            md.update(mask_md)
         blocks = G.synthesis.block_resolutions
         if c.feature_res is None:
             c.feature_res = md.get("feature_res") if not official else None
@@ -102,6 +109,8 @@ class DragConfig:
             c.adaptive_step = False if official else bool(md.get("adaptive_step", False))
         if c.lambda_mask is None:
             c.lambda_mask = 20.0 if official else float(md.get("lambda_mask", 20.0))
+        if c.lambda_image is None:  # not in the paper; needs the whole image every step
+            c.lambda_image = 0.0 if official else float(md.get("lambda_image", 0.0))
         if c.stop_distance is None:
             paper_rule = 1.0 if num_points <= 5 else 2.0
             c.stop_distance = max(2 * res / 512, 2.0) if official else md.get("stop_distance", paper_rule)
@@ -109,7 +118,8 @@ class DragConfig:
             raise ValueError("tracking must be 'l1' or 'l2'")
         if c.w_mode not in ("w", "w+"):
             raise ValueError("w_mode must be 'w' or 'w+'")
-        if not (0 < c.lr < 1) or c.r1 <= 0 or c.r2 < 1 or c.max_steps < 0 or c.lambda_mask < 0:
+        if (not (0 < c.lr < 1) or c.r1 <= 0 or c.r2 < 1 or c.max_steps < 0 or c.lambda_mask < 0
+                or c.lambda_image < 0):
             raise ValueError("invalid drag settings: need 0 < lr < 1, r1 > 0, r2 >= 1, max_steps >= 0, lambda >= 0")
         c.num_optimized_ws = int(min(max(c.num_optimized_ws, 1), G.num_ws))
         return c
@@ -131,12 +141,13 @@ class StepResult:
     distances: list[float]
     loss: float
     loss_motion: float
-    loss_mask: float
+    loss_mask: float                   # keep term on the features (unweighted mean)
     done: bool
     reached: bool
     seconds: float
     image: np.ndarray | None = None    # HxWx3 uint8 when rendered this step
     message: str | None = None         # set when the run had to stop abnormally (rolled back)
+    loss_image: float = 0.0            # keep term on the image (unweighted mean), when used
 
 
 class DragError(ValueError):
@@ -161,6 +172,7 @@ class DragSession:
         self.w_initial = w_init.detach().to(self.device, torch.float32).clone()
         self.pairs: list[PointPair] = []
         self.mask: torch.Tensor | None = None  # [S, S] float, 1 = may change
+        self.mask_message: str | None = None   # why the mask given was not used as given
         self.step_count = 0
         self._reference_key = None  # (compat, track_res, track_patch) the references were taken with
         self._reset_latent()
@@ -181,6 +193,7 @@ class DragSession:
         self._param = None        # created at run start (depends on w_mode / num_optimized_ws)
         self._opt = None
         self._mask_reference = None
+        self._mask_reference_image = None
         self._param_layout = None
 
     def set_latent(self, w: torch.Tensor):
@@ -227,8 +240,15 @@ class DragSession:
         self.pairs.clear()
 
     def set_mask(self, mask: np.ndarray | torch.Tensor | None):
-        """mask: HxW (any size; resized), nonzero/1 = flexible region; None clears it."""
+        """mask: HxW (any size; resized), nonzero/1 = flexible region; None clears it.
+
+        A mask with nothing flexible is ignored (no handle could move; the whole image may change)
+        and one with nothing fixed changes nothing (the edit runs as without a mask); both set
+        `mask_message` to say so.
+        """
         self._mask_reference = None
+        self._mask_reference_image = None
+        self.mask_message = None
         if mask is None:
             self.mask = None
             return
@@ -243,6 +263,30 @@ class DragSession:
         if m.shape != (s, s):
             m = F.interpolate(m[None, None], size=(s, s), mode="area" if m.shape[0] >= s else "nearest")[0, 0]
         self.mask = m.to(self.device) if m.max() > 0 else None
+        if self.mask is None:
+            self.mask_message = ("the mask fixes the whole image, so no handle could move: it is ignored and the "
+                                 "whole image may change; paint the region that may change (or clear the mask)")
+        elif not self.mask_active:
+            self.mask_message = "the mask lets the whole image change: the edit runs as without a mask"
+
+    @property
+    def mask_active(self) -> bool:
+        """A mask is set and fixes some of the image (an all-flexible mask constrains nothing)."""
+        return self.mask is not None and bool((self.mask < 1).any())
+
+    def mask_warnings(self) -> list[str]:
+        """Points the mask works against: a handle or target in the fixed region cannot move freely."""
+        if not self.mask_active:
+            return []
+        out = []
+        m = self.mask.detach().cpu()
+        s = self.resolution
+        for i, p in enumerate(self.pairs):
+            for name, (x, y) in (("handle", p.handle), ("target", p.target)):
+                col, row = min(max(round(x), 0), s - 1), min(max(round(y), 0), s - 1)
+                if m[row, col] < 0.5:
+                    out.append(f"point pair {i + 1}: the {name} is in the fixed region; the mask will hold it back")
+        return out
 
     def reset(self):
         """Back to the initial latent; handles back to where the user placed them."""
@@ -294,7 +338,7 @@ class DragSession:
         """
         if not self.pairs:
             raise DragError("add at least one handle/target pair first")
-        cfg = self.config.resolve(self.G, len(self.pairs), self.model_defaults)
+        cfg = self.config.resolve(self.G, len(self.pairs), self.model_defaults, masked=self.mask_active)
         steps = cfg.max_steps if max_steps is None else max_steps
         self._prepare(cfg)
         key = (cfg.compat, cfg.track_res, cfg.track_patch)
@@ -327,6 +371,20 @@ class DragSession:
 MAX_LATENT_ABS = 1e4
 
 
+def paste_fixed_region(edited: np.ndarray, original: np.ndarray, flexible: np.ndarray) -> np.ndarray:
+    """Export helper, *not* how the mask works: the edited pixels inside the flexible region, the
+    original pixels elsewhere (a soft mask blends). The result is no longer an image the generator
+    made (seams are possible); the edit itself (G(w)) keeps the fixed region through its loss."""
+    edited, original = np.asarray(edited), np.asarray(original)
+    m = np.asarray(flexible, np.float32)
+    if edited.shape != original.shape or edited.ndim != 3 or m.shape != edited.shape[:2]:
+        raise ValueError(f"need HxWx3 images and an HxW mask of the same size, got {edited.shape}, "
+                         f"{original.shape}, {m.shape}")
+    m = np.clip(m, 0, 1)[..., None]
+    out = edited.astype(np.float32) * m + original.astype(np.float32) * (1 - m)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def as_point(x: float, y: float) -> tuple:
     """A point as stored: ints on pixel centres (clicks), else floats to 1/1000 px."""
     x, y = round(float(x), 3), round(float(y), 3)
@@ -348,9 +406,11 @@ def disc_offsets(r1: float) -> torch.Tensor:
 
 
 def _optimise_and_report(s: DragSession, cfg: DragConfig, distances, done: bool, loss_motion: torch.Tensor,
-                         loss_mask: torch.Tensor, optimise: bool) -> StepResult:
+                         loss_mask: torch.Tensor, optimise: bool, loss_image: torch.Tensor | None = None) -> StepResult:
     """The part of a step both engines share: the Adam step on the latent, then the step's result."""
     loss = loss_motion + cfg.lambda_mask * loss_mask
+    if loss_image is not None:
+        loss = loss + cfg.lambda_image * loss_image
     if optimise and not done:
         s._opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -358,7 +418,8 @@ def _optimise_and_report(s: DragSession, cfg: DragConfig, distances, done: bool,
         s.step_count += 1
     return StepResult(step=s.step_count, handles=[p.handle for p in s.pairs], targets=[p.target for p in s.pairs],
                       distances=distances, loss=loss.detach().item(), loss_motion=loss_motion.detach().item(),
-                      loss_mask=loss_mask.detach().item(), done=done or not optimise, reached=done, seconds=0.0)
+                      loss_mask=loss_mask.detach().item(), done=done or not optimise, reached=done, seconds=0.0,
+                      loss_image=0.0 if loss_image is None else loss_image.detach().item())
 
 
 class _FeatureWindow:
@@ -427,12 +488,12 @@ def windowed_features(G: Generator, cfg: DragConfig, ws, centres, margin: int, f
         if area < 0.6 * fr * fr:
             out_f, out_i = [None] * len(centres), [None] * len(centres)
             for fwin, iwin, idx in zip(feat_wins, image_wins, members):
-                feat = features_in_window(G.synthesis, ws, fr, fwin, cfg.noise_mode, fused=FUSED_MODCONV)
+                feat = features_in_window(G.synthesis, ws, fr, fwin, cfg.noise_mode, fused=fused_modconv_for(G))
                 fw = _FeatureWindow(feat, fwin, res, fr)
                 for i in idx:
                     out_f[i], out_i[i] = fw, tuple(iwin)
             return out_f, out_i, None
-    _, feat = G.synthesis(ws, noise_mode=cfg.noise_mode, feature_res=fr, stop_at_feature=True, fused=FUSED_MODCONV)
+    _, feat = G.synthesis(ws, noise_mode=cfg.noise_mode, feature_res=fr, stop_at_feature=True, fused=fused_modconv_for(G))
     fw = _FeatureWindow(feat, (0, fr, 0, fr), res, fr)
     return [fw] * len(centres), [(0, res, 0, res)] * len(centres), feat
 
@@ -460,8 +521,17 @@ class _Engine:
         self.margin = int(cfg.r2) + max(math.ceil(cfg.r1) + 1, k)
 
     def features(self, ws, centres, full: bool):
+        """(feature windows per centre, full feature map or None, image or None).
+
+        The image is computed only when the mask is also compared on it (`lambda_image`): that needs
+        the whole generator every step instead of stopping at the feature block.
+        """
+        if full and self.cfg.lambda_image > 0:
+            fr = self.cfg.feature_res
+            img, feat = self.G.synthesis(ws, noise_mode=self.cfg.noise_mode, feature_res=fr, fused=False)
+            return [_FeatureWindow(feat, (0, fr, 0, fr), self.res, fr)] * len(centres), feat, img
         wins, _, feat = windowed_features(self.G, self.cfg, ws, centres, self.margin, full)
-        return wins, feat
+        return wins, feat, None
 
     @torch.no_grad()
     def tracking_features(self, ws, centres, wins):
@@ -483,19 +553,22 @@ class _Engine:
     def step(self, optimise: bool) -> StepResult:
         s, cfg, device = self.s, self.cfg, self.s.device
         pairs = s.pairs
-        masked = s.mask is not None and cfg.lambda_mask > 0
+        masked = s.mask_active and (cfg.lambda_mask > 0 or cfg.lambda_image > 0)
         ws = s._ws()
         # references for newly placed handles and for the mask term, from the current latent
         need_ref = [p for p in pairs if p.reference is None]
-        if need_ref or (masked and s._mask_reference is None):
+        need_mask_ref = masked and (s._mask_reference is None
+                                    or (cfg.lambda_image > 0 and s._mask_reference_image is None))
+        if need_ref or need_mask_ref:
             with torch.no_grad():
                 centres = [p.handle for p in need_ref] or [(0, 0)]
-                wins, full_feat = self.features(ws.detach(), centres, full=masked)
+                wins, full_feat, image = self.features(ws.detach(), centres, full=masked)
                 for p, fw in zip(need_ref, self.tracking_features(ws, centres, wins)):
                     p.reference = fw.sample(torch.tensor(p.handle, dtype=torch.float32, device=device) + self.patch)
                 if masked:
                     s._mask_reference = full_feat.detach()
-        wins, full_feat = self.features(ws, [p.handle for p in pairs], full=masked)
+                    s._mask_reference_image = None if image is None else image.detach()
+        wins, full_feat, image = self.features(ws, [p.handle for p in pairs], full=masked)
 
         # 1. point tracking on this step's features
         with torch.no_grad():
@@ -521,10 +594,13 @@ class _Engine:
             direction = (torch.tensor(p.target, dtype=torch.float32, device=device) - centre) * (step / dist)
             loss_motion = loss_motion + (fw.sample(q).detach() - fw.sample(q + direction)).abs().mean()
         loss_mask = torch.zeros((), device=device)
+        loss_image = None
         if masked:
             keep = 1 - F.interpolate(s.mask[None, None], size=full_feat.shape[-2:], mode="area")
             loss_mask = ((full_feat - s._mask_reference).abs() * keep).mean()
-        return _optimise_and_report(s, cfg, distances, done, loss_motion, loss_mask, optimise)
+            if image is not None:
+                loss_image = ((image - s._mask_reference_image).abs() * (1 - s.mask)).mean()
+        return _optimise_and_report(s, cfg, distances, done, loss_motion, loss_mask, optimise, loss_image)
 
 
 class _OfficialEngine:
@@ -565,7 +641,7 @@ class _OfficialEngine:
     def step(self, optimise: bool) -> StepResult:
         s, cfg, res = self.s, self.cfg, self.s.resolution
         pairs = s.pairs
-        masked = s.mask is not None and cfg.lambda_mask > 0
+        masked = s.mask_active and (cfg.lambda_mask > 0 or cfg.lambda_image > 0)
         need_ref = [p for p in pairs if p.reference is None]
         if need_ref or (masked and s._mask_reference is None):
             with torch.no_grad():

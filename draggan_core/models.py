@@ -66,6 +66,13 @@ class ModelStore:
         self._models: dict[Path, LoadedModel] = {}
         self._lock = threading.Lock()
 
+    def set_device(self, device) -> None:
+        """Load models on `device` from now on; models already loaded elsewhere are dropped."""
+        with self._lock:
+            if str(device) != str(self.device):
+                self._models.clear()
+            self.device = device
+
     def get(self, path: str | Path) -> LoadedModel:
         path = Path(path).resolve()
         with self._lock:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
-REGISTRY_PATH = Path(__file__).with_name("registry.json")
+# DRAGGAN_REGISTRY: another registry file (a mirror, a private model list, tests on loopback)
+REGISTRY_PATH = Path(os.environ.get("DRAGGAN_REGISTRY") or Path(__file__).with_name("registry.json"))
 USER_AGENT = "draggan-core-downloader/1"
 CHUNK_BYTES = 1 << 20
 

@@ -20,10 +20,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import PIL.Image  # noqa: E402
 
+from draggan_core.devices import DeviceError, add_device_argument, describe  # noqa: E402
 from draggan_core.registry import DownloadError, download, list_models  # noqa: E402
 
-from .state import (STORE, EDITOR_SIZE, EditorState, UIError, editor_alpha, env_max_steps,  # noqa: E402
-                    frame_due, model_choices, resolve_model_path)
+from .state import (STORE, EDITOR_SIZE, THREADS, EditorState, UIError, configure_device,  # noqa: E402
+                    editor_alpha, env_max_steps, load_model, model_choices, resolve_model_path)
 
 MAX_UPLOAD = "20mb"
 # Mask layers are decoded by gradio (PIL) before any handler runs; a tiny PNG can declare 9000x9000
@@ -77,7 +78,7 @@ class App:
             st.last_status = status
         else:
             status = st.last_status
-        return st.display(), st.points_text(), status, st
+        return st.frame_output(), st.points_text(), status, st
 
     def guarded_view(self, fn):
         """Wrap fn(st, *args) -> status; outputs [canvas, points, status, state]."""
@@ -94,7 +95,63 @@ class App:
         return wrapper
 
     def editor_value(self, st: EditorState):
-        return {"background": st.editor_background(), "layers": [], "composite": None}
+        return st.editor_value()
+
+    def run(self, st, n_steps, lr_v, r1_v, r2_v, lam_v, stop_v, tracking_v, w_mode_v, every_v):
+        """Start: stream (canvas, points, status, state, mask canvas) while the drag runs."""
+        try:
+            st = self.ensure(st)
+            t0 = time.perf_counter()
+            while st.running and time.perf_counter() - t0 < 3:  # a stopped run finishing its step
+                time.sleep(0.05)
+            if st.running:
+                raise UIError("a drag is already running")
+            if not st.session.pairs:
+                raise UIError("add a handle and a target first: click the image twice")
+            steps = st.configure(max_steps=n_steps, lr=lr_v, r1=r1_v, r2=r2_v, lambda_mask=lam_v,
+                                 stop_distance=stop_v,
+                                 tracking=None if tracking_v in (None, "", "default") else tracking_v,
+                                 w_mode=w_mode_v)
+            every = max(1, int(every_v or 1))
+        except UIError as e:
+            yield gr.skip(), gr.skip(), _warn(str(e)), st, gr.skip()
+            return
+        except Exception as e:
+            yield gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st, gr.skip()
+            return
+        updates = st.run_stream(steps, display_every=every)
+        try:
+            for u in updates:
+                image = gr.skip() if u.image is None else u.image
+                status = _warn(u.status) if u.warning else u.status
+                # the mask canvas follows the image once the run has ended
+                yield image, u.points, status, st, (st.editor_value() if u.final else gr.skip())
+        except ValueError as e:  # DragError etc.: the session stays usable
+            yield gr.skip(), gr.skip(), _warn(str(e)), st, gr.skip()
+        except Exception as e:
+            yield gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st, gr.skip()
+        finally:
+            updates.close()
+
+    def stop(self, st):
+        """Cooperative flag + cancels=[run]; waits for the run to leave its step, then shows the
+        exact image of the latent it stopped at (outputs like `run`)."""
+        if st is None:
+            return gr.skip(), gr.skip(), "nothing is running", st, gr.skip()
+        was_running = st.running
+        st.stop_requested = True
+        t0 = time.perf_counter()
+        while st.running and time.perf_counter() - t0 < 10:  # a step is never interrupted; a busy CPU can make one slow
+            time.sleep(0.02)
+        if not was_running:
+            return gr.skip(), gr.skip(), st.last_status or "nothing is running", st, gr.skip()
+        if st.running:  # still inside a long step: it will stop at the next one
+            return gr.skip(), gr.skip(), "stopping...", st, gr.skip()
+        try:
+            status = st.stop_view()
+        except Exception as e:
+            return gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st, gr.skip()
+        return (*self.view(st, status), st.editor_value())
 
 
 def _registry_choices():
@@ -396,7 +453,7 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
                 st = app.ensure(st)
                 st.show_mask = bool(show)
                 st.set_mask_from_layer(editor_alpha(value), paint_fixed=(mode == "fixed"))
-                return st.display(), st.mask_info(), "mask updated", st
+                return st.frame_output(), st.mask_info(), "mask updated", st
             except UIError as e:
                 return gr.skip(), gr.skip(), _warn(str(e)), st
             except Exception as e:
@@ -414,7 +471,7 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
             try:
                 st = app.ensure(st)
                 st.set_mask_from_layer(None)
-                return st.display(), st.mask_info(), "mask cleared", st, app.editor_value(st)
+                return st.frame_output(), st.mask_info(), "mask cleared", st, app.editor_value(st)
             except UIError as e:
                 return gr.skip(), gr.skip(), _warn(str(e)), st, gr.skip()
 
@@ -427,107 +484,16 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
             if st is None:
                 return gr.skip(), st
             st.show_mask = bool(show)
-            return st.display(), st
+            return st.frame_output(), st
 
         show_mask.change(toggle_mask, [state, show_mask], [canvas, state], api_visibility="private",
                          show_progress="hidden")
 
         # ------------------------------------------------------------------ run / stop
-        def run(st, n_steps, lr_v, r1_v, r2_v, lam_v, stop_v, tracking_v, w_mode_v, every_v):
-            try:
-                st = app.ensure(st)
-                t0 = time.perf_counter()
-                while st.running and time.perf_counter() - t0 < 3:  # a stopped run finishing its step
-                    time.sleep(0.05)
-                if st.running:
-                    raise UIError("a drag is already running")
-                if not st.session.pairs:
-                    raise UIError("add a handle and a target first: click the image twice")
-                steps = st.configure(max_steps=n_steps, lr=lr_v, r1=r1_v, r2=r2_v, lambda_mask=lam_v,
-                                     stop_distance=stop_v,
-                                     tracking=None if tracking_v in (None, "", "default") else tracking_v,
-                                     w_mode=w_mode_v)
-                every = max(1, int(every_v or 1))
-            except UIError as e:
-                yield gr.skip(), gr.skip(), _warn(str(e)), st
-                return
-            except Exception as e:
-                yield gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st
-                return
-            s = st.session
-            target_step = s.step_count + steps
-            st.running, st.stop_requested = True, False
-            st.pending = None
-            result, error = None, None
-            gen = s.run(max_steps=steps)
-            last_yield, last_frame_step = 0.0, s.step_count
-            try:
-                for result in gen:
-                    st.last_distances = result.distances
-                    if st.stop_requested:
-                        break
-                    if result.done:
-                        break
-                    if result.step - last_frame_step >= every and frame_due(last_yield):
-                        st.record_frame(result.image if result.image is not None else s.render())
-                        last_frame_step = result.step
-                        yield (st.display(), st.points_text(),
-                               st.status_text(result, target_step, "running"), st)
-                        last_yield = time.perf_counter()
-            except Exception as e:  # DragError etc.: keep the session usable
-                error = e
-            finally:
-                gen.close()
-                st.running = False
-            if error is not None:
-                msg = str(error) if isinstance(error, ValueError) else _log_unexpected(error)
-                yield gr.skip(), gr.skip(), _warn(msg), st
-                return
-            if result is None:
-                yield app.view(st, "nothing to do")
-                return
-            st.record_frame(result.image if result.image is not None else s.render())
-            if result.message:  # divergence: the session rolled back to the last good latent
-                status = _warn(result.message)
-                st.last_status = status
-                yield st.display(), st.points_text(), status, st
-                return
-            if result.reached:
-                how = "done: every handle reached its target"
-            elif st.stop_requested:
-                how = "stopped: press Start to continue"
-            else:
-                how = "max steps reached: press Start to continue"
-            status = st.status_text(result, target_step, how)
-            st.last_status = status
-            yield st.display(), st.points_text(), status, st
-
         run_inputs = [state, max_steps, lr, r1, r2, lam, stop_d, tracking, w_mode, display_every]
-        run_event = start_btn.click(run, run_inputs, VIEW, api_name="run", show_progress="hidden")
-
-        def stop(st):
-            """Cooperative flag + cancels=[run]; waits for the run to leave its step, then shows the
-            exact state it stopped in (outputs like every view handler)."""
-            if st is None:
-                return gr.skip(), gr.skip(), "nothing is running", st
-            was_running = st.running
-            st.stop_requested = True
-            t0 = time.perf_counter()
-            while st.running and time.perf_counter() - t0 < 10:  # a step is never interrupted; a busy CPU can make one slow
-                time.sleep(0.02)
-            if not was_running:
-                return gr.skip(), gr.skip(), st.last_status or "nothing is running", st
-            if st.running:  # still inside a long step: it will stop at the next one
-                return gr.skip(), gr.skip(), "stopping...", st
-            try:
-                st.record_frame(st.session.render())
-            except Exception as e:
-                return gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st
-            d = ", ".join(f"{math.dist(p.handle, p.target):.1f}" for p in st.session.pairs)
-            status = f"stopped at step {st.session.step_count} - distances: {d} px - press Start to resume"
-            return app.view(st, status)
-
-        stop_btn.click(stop, [state], VIEW, cancels=[run_event], api_name="stop", show_progress="hidden")
+        run_event = start_btn.click(app.run, run_inputs, [*VIEW, editor], api_name="run", show_progress="hidden")
+        stop_btn.click(app.stop, [state], [*VIEW, editor], cancels=[run_event], api_name="stop",
+                       show_progress="hidden")
 
         # ------------------------------------------------------------------ export
         def export(kind):
@@ -579,8 +545,12 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DragGAN web UI (runs on CPU)")
-    p.add_argument("--model", default=None, help="checkpoint path or name in checkpoints/ (default: embedded faces)")
+    p = argparse.ArgumentParser(description="DragGAN web UI")
+    p.add_argument("--model", default=None,
+                   help="checkpoint path, a name in checkpoints/, or a known model name from `draggan models` "
+                        "(downloaded with a progress bar and verified first); default: $DRAGGAN_MODEL or the "
+                        "embedded faces model")
+    add_device_argument(p)
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", os.environ.get("HOST", "127.0.0.1")),
                    help="address to listen on (0.0.0.0 to serve the network)")
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", os.environ.get("GRADIO_SERVER_PORT", 7860))))
@@ -589,34 +559,82 @@ def parse_args(argv=None):
 
 
 def set_torch_threads():
-    """Torch threads per process: DRAGGAN_TORCH_THREADS, else half the cores (two runs may share
-    the CPU; oversubscribed OpenMP threads made steps 40x slower on a busy 2-core machine)."""
+    """Threads of the main thread (start-up, page loads): the CPU share of one run. Drag runs and the
+    frame renderer set their own (`webui.state.THREADS`)."""
     import torch
-    value = os.environ.get("DRAGGAN_TORCH_THREADS", "").strip()
-    n = int(value) if value.isdigit() and int(value) > 0 else max(1, (os.cpu_count() or 2) // 2)
+    n = THREADS.share()
     torch.set_num_threads(n)
     return n
 
 
-def launch(demo: gr.Blocks, host: str, port: int, share: bool = False):
+def resolve_startup_model(requested: str | None) -> Path:
+    """A local file or checkpoints/ name as before; else a registry name, downloaded (progress bar on
+    the console, checksum verified) into checkpoints/ unless already there."""
+    requested = requested or os.environ.get("DRAGGAN_MODEL") or None
+    try:
+        return resolve_model_path(requested)
+    except UIError:
+        known = {e.name: e for e in list_models()}
+        if requested not in known:
+            raise UIError(f"model {requested}: no such checkpoint file, and not a known model name "
+                          "(see `python -m draggan_core models`)") from None
+    entry = known[requested]
+    target = entry.local_path(download_dir())
+    if not target.is_file():
+        print(f"downloading {entry.name} ({entry.url}) to {target.parent}/ ...", file=sys.stderr, flush=True)
+    try:
+        return download(entry, dest_dir=download_dir(), progress=True)
+    except DownloadError as e:
+        raise UIError(f"cannot download {entry.name}: {e}") from None
+
+
+def download_dir() -> Path:
+    """Where downloaded checkpoints go: $DRAGGAN_DOWNLOAD_DIR, else the checkpoints/ folder."""
+    return Path(os.environ.get("DRAGGAN_DOWNLOAD_DIR") or Path(__file__).resolve().parents[1] / "checkpoints")
+
+
+def prepare(args) -> tuple[gr.Blocks, str]:
+    """Everything that can fail on bad input, before serving: device, model (loaded, first image
+    rendered), UI. Raises UIError / DeviceError with one-line messages."""
+    device = configure_device(args.device)
     set_torch_threads()
-    print(f"DragGAN web UI: model {Path(demo.draggan_model_path).name}; open http://{host}:{port}/", flush=True)
+    t0 = time.perf_counter()
+    path = resolve_startup_model(args.model)
+    model = load_model(path)
+    st = EditorState.create(path)  # the first image, as the first visitor will see it
+    seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    st.warm_up()
+    demo = build_demo(path)
+    info = (f"model {model.name} ({model.G.img_resolution} px) on {describe(device)}, "
+            f"loaded and rendered in {seconds:.1f} s, first drag steps warmed up in {time.perf_counter() - t1:.1f} s")
+    return demo, info
+
+
+def launch(demo: gr.Blocks, host: str, port: int, share: bool = False, info: str = ""):
+    set_torch_threads()
     STORE.get(demo.draggan_model_path)  # load once before the first visitor
+    # quiet: gradio's own banner suggests `share=True` in `launch()`, which users set with --share here
     _, local_url, share_url = demo.launch(server_name=host, server_port=port, share=share,
                                           max_file_size=MAX_UPLOAD, prevent_thread_lock=True, css=CSS,
-                                          footer_links=["api"], show_error=False, quiet=False)
-    if share and not share_url:
-        print("Could not create a public share link (offline or tunnel blocked); "
-              f"still serving locally at {local_url}", flush=True)
+                                          footer_links=["api"], show_error=False, quiet=True)
+    print(f"DragGAN web UI: {info or Path(demo.draggan_model_path).name}", flush=True)
+    print(f"open {local_url}" + ("" if share else "  (python app.py --share for a public link)"), flush=True)
+    if share:
+        if share_url:
+            print(f"public link: {share_url}", flush=True)
+        else:
+            print("Could not create a public share link (offline or tunnel blocked); "
+                  f"still serving locally at {local_url}", flush=True)
     demo.block_thread()
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        demo = build_demo(args.model)
-    except UIError as e:
+        demo, info = prepare(args)
+    except (UIError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    launch(demo, args.host, args.port, args.share)
+    launch(demo, args.host, args.port, args.share, info)
     return 0

@@ -23,17 +23,24 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from draggan_core.checkpoints import CheckpointError
+from draggan_core.devices import ThreadBudget
 from draggan_core.drag import DragConfig, DragError, DragSession
+from draggan_core.frames import FrameRenderer
 from draggan_core.latents import MAX_SEED, LatentError, load_latent, save_latent, seed_to_w
 from draggan_core.models import ModelStore, default_model_path, list_local_models
 from draggan_core.recipe import Recipe
 
-STORE = ModelStore()
+STORE = ModelStore()          # the app sets its device before loading anything (`configure_device`)
+THREADS = ThreadBudget()      # CPU threads shared by the running drags and the frame renderer
+RENDERER = FrameRenderer(threads=THREADS.share)  # previews in the background, newest latent only
 DISPLAY_TARGET = 512          # the main image is upscaled by an integer factor to about this size
 EDITOR_SIZE = 256             # mask canvas size (editor pixels)
 MAX_FRAMES = 300              # trajectory frames kept for the GIF
 MAX_POINT_PAIRS = 32
 FRAME_INTERVAL = 0.125        # at most ~8 streamed frames per second
+STATUS_INTERVAL = 0.5         # without a new frame, the status still updates this often
+JPEG_FROM_RESOLUTION = 256    # larger models stream JPEG frames (2 ms to encode at 512 px, PNG ~60 ms)
+JPEG_QUALITY = 92
 HANDLE_RGB = (230, 40, 40)
 TARGET_RGB = (40, 90, 235)
 MASK_RGB = np.array([60, 220, 120], dtype=np.float32)
@@ -76,6 +83,13 @@ def resolve_model_path(requested: str | os.PathLike | None = None) -> Path:
                   "(pass --model PATH)")
 
 
+def configure_device(name: str | None = None):
+    """Put every model of this process on `name` (auto/cpu/cuda/mps; DeviceError if unavailable)."""
+    from draggan_core.devices import resolve_device
+    STORE.set_device(resolve_device(name))
+    return STORE.device
+
+
 def load_model(path):
     try:
         return STORE.get(path)
@@ -103,6 +117,7 @@ class EditorState:
     pending: tuple[int, int] | None = None     # a handle clicked, waiting for its target
     show_mask: bool = True
     mask_painted: int = 0                       # painted pixels in the editor (for the readout)
+    mask_paint_fixed: bool = False              # the brush painted the fixed region (mask = the rest)
     image: np.ndarray | None = None             # current image at model resolution
     frames: list = field(default_factory=list)  # trajectory (model resolution)
     running: bool = False
@@ -334,6 +349,7 @@ class EditorState:
         small = Image.fromarray(a.astype(np.uint8) * 255).resize((res, res), Image.BOX)
         m = np.asarray(small, dtype=np.float32) / 255.0 >= 0.3
         flexible = ~m if paint_fixed else m
+        self.mask_paint_fixed = bool(paint_fixed)
         try:
             self.session.set_mask(flexible.astype(np.float32))
         except DragError as e:
@@ -354,6 +370,18 @@ class EditorState:
                 f"y {ys.min()}-{ys.max()}")
 
     # ------------------------------------------------------------------ rendering
+    def editor_value(self) -> dict:
+        """The mask canvas: the current image behind the mask as painted (fixed or flexible brush)."""
+        layers = []
+        m = self.mask_array()
+        if m is not None:
+            painted = ~m if self.mask_paint_fixed else m
+            alpha = Image.fromarray(painted.astype(np.uint8) * 255).resize((EDITOR_SIZE, EDITOR_SIZE), Image.NEAREST)
+            layer = np.full((EDITOR_SIZE, EDITOR_SIZE, 4), 255, dtype=np.uint8)
+            layer[..., 3] = np.asarray(alpha)
+            layers = [layer]
+        return {"background": self.editor_background(), "layers": layers, "composite": None}
+
     def editor_background(self) -> np.ndarray:
         img = Image.fromarray(self.image).resize(
             (EDITOR_SIZE, EDITOR_SIZE), Image.NEAREST if self.resolution <= EDITOR_SIZE else Image.BOX)
@@ -462,9 +490,92 @@ class EditorState:
             self.frames = self.frames[:1] + self.frames[2::2]
         self.frames.append(img)
 
-    def status_text(self, result, target_step: int, state: str) -> str:
+    def status_text(self, result, run_steps: int, first_step: int, state: str) -> str:
+        """'step 82 (this run: 3 / 300) - distances: 4.1 px - running': totals and this run's count."""
         d = ", ".join(f"{v:.1f}" for v in result.distances)
-        return f"step {result.step} / {target_step} - distances: {d} px - {state}"
+        return (f"step {result.step} (this run: {result.step - first_step} / {run_steps}) - "
+                f"distances: {d} px - {state}")
+
+    def frame_output(self, image: np.ndarray | None = None):
+        """The display image as the canvas gets it: an array (PNG, crisp pixels for small models)
+        or, from JPEG_FROM_RESOLUTION up, the path of a JPEG written here (2 ms instead of ~60 ms
+        of PNG encoding per 512 px frame, time the optimisation would otherwise wait)."""
+        shown = self.display(image)
+        if self.resolution < JPEG_FROM_RESOLUTION:
+            return shown
+        self._frame_counter = getattr(self, "_frame_counter", 0) + 1
+        path = self.workdir() / f"frame-{self._frame_counter % 4}.jpg"  # gradio copies it before the next one
+        Image.fromarray(shown).save(path, "JPEG", quality=JPEG_QUALITY)
+        return str(path)
+
+    def run_stream(self, steps: int, display_every: int = 1):
+        """Run the drag, yielding `RunUpdate`s: a frame whenever the background renderer has a newer
+        one (at most every FRAME_INTERVAL), else the status every STATUS_INTERVAL. Optimisation never
+        waits for a preview. The last update shows `render(final latent)` exactly; Stop (the flag,
+        or closing this generator) leaves that to `stop_view`."""
+        s = self.session
+        first_step = s.step_count
+        self.running, self.stop_requested = True, False
+        self.pending = None
+        result = None
+        gen = s.run(max_steps=steps)
+        shown_step, submitted_step = first_step, first_step
+        last_yield = time.perf_counter()
+        try:
+            with THREADS.run() as threads, RENDERER.open_stream() as stream:
+                for result in gen:
+                    self.last_distances = result.distances
+                    if self.stop_requested or result.done:
+                        break
+                    threads.refresh()
+                    if result.step - submitted_step >= display_every:
+                        stream.submit(s.G, s.latent, result.step, s.config.noise_mode)
+                        submitted_step = result.step
+                    now = time.perf_counter()
+                    frame = stream.newest(after_step=shown_step)
+                    first = result.step == first_step + 1
+                    if frame is not None and now - last_yield >= FRAME_INTERVAL:
+                        self.record_frame(frame.image)
+                        shown_step = frame.step
+                        image = self.frame_output()
+                    elif first or now - last_yield >= STATUS_INTERVAL:
+                        image = self.frame_output() if first else None  # first answer: moved markers
+                    else:
+                        continue
+                    yield RunUpdate(image, self.points_text(), self.status_text(result, steps, first_step, "running"))
+                    last_yield = time.perf_counter()
+        finally:
+            gen.close()
+            self.running = False
+        if result is None:
+            yield RunUpdate(None, self.points_text(), "nothing to do", final=True)
+            return
+        if self.stop_requested:
+            return
+        self.record_frame(result.image if result.image is not None else s.render())
+        if result.message:  # divergence: the session rolled back to the last good latent
+            self.last_status = result.message
+            yield RunUpdate(self.frame_output(), self.points_text(), result.message, final=True, warning=True)
+            return
+        how = ("done: every handle reached its target" if result.reached
+               else "max steps reached: press Start to continue")
+        self.last_status = self.status_text(result, steps, first_step, how)
+        yield RunUpdate(self.frame_output(), self.points_text(), self.last_status, final=True)
+
+    def warm_up(self, steps: int = 2):
+        """A throwaway drag of a few steps, so the first user's Start does not pay one-time costs
+        (torch imports its compiler stack when the first optimiser is built, ~2 s; kernel set-up)."""
+        res = self.resolution
+        session = DragSession(self.G, self.session.w_initial, model_defaults=self.session.model_defaults)
+        session.add_pair((res // 2, res // 2), (res // 2 + max(2, res // 16), res // 2))
+        for _ in session.run(max_steps=steps):
+            pass
+
+    def stop_view(self) -> str:
+        """After a stop: the exact image of the latent the run stopped at, and the status to show."""
+        self.record_frame(self.session.render())
+        d = ", ".join(f"{math.dist(p.handle, p.target):.1f}" for p in self.session.pairs)
+        return f"stopped at step {self.session.step_count} - distances: {d} px - press Start to resume"
 
     # ------------------------------------------------------------------ export
     def export_png(self) -> Path:
@@ -512,6 +623,16 @@ class EditorState:
         path = d / "recipe.json"
         path.write_text(recipe.to_json())
         return [path] + files
+
+
+@dataclass
+class RunUpdate:
+    """One streamed update of a run: image None means 'keep the one shown'."""
+    image: object              # HxWx3 uint8 array, a JPEG path, or None
+    points: str
+    status: str
+    final: bool = False
+    warning: bool = False      # the status is a problem to show as a warning
 
 
 def _bbox(m):
@@ -572,12 +693,8 @@ def model_choices() -> list[tuple[str, str]]:
     return [(p.name + (" (default)" if p.name == default else ""), str(p.resolve())) for p in list_local_models()]
 
 
-def frame_due(last_yield: float, now: float | None = None) -> bool:
-    return ((time.perf_counter() if now is None else now) - last_yield) >= FRAME_INTERVAL
-
-
-__all__ = ["EditorState", "UIError", "STORE", "editor_alpha", "model_choices", "resolve_model_path",
-           "env_max_steps", "upscale_factor", "frame_due"]
+__all__ = ["EditorState", "RunUpdate", "UIError", "STORE", "RENDERER", "THREADS", "configure_device", "editor_alpha", "model_choices", "resolve_model_path",
+           "env_max_steps", "upscale_factor"]
 
 
 def _fmt_point(p) -> str:

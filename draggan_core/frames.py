@@ -1,0 +1,150 @@
+"""Preview frames of running edits, rendered in the background so the optimisation never waits.
+
+At 512 px a full render costs about ten drag steps on the CPU. Rendering inline (as the official
+code does) caps the editor at the render rate; here one worker thread per process renders while the
+steps go on. Each running edit owns a `FrameStream` holding at most one pending latent: a newer
+submission replaces an older one, so a slow render never builds a queue of stale frames, and the
+frame a stream publishes only ever moves forward in steps. Pending latents of the same generator are
+rendered as one batch (several users at once cost one forward on a GPU).
+
+The frame shown when a run ends is not a preview: `DragSession.render()` of the final latent.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .networks import to_uint8_image
+
+
+@dataclass(frozen=True)
+class Frame:
+    step: int               # the session step whose latent this is
+    image: np.ndarray       # HxWx3 uint8
+    render_seconds: float   # wall time of the (batched) render that produced it
+
+
+@dataclass
+class _Job:
+    stream: "FrameStream"
+    G: torch.nn.Module
+    latent: torch.Tensor    # [1, num_ws, w_dim], detached
+    step: int
+    noise_mode: str
+
+
+class FrameStream:
+    """One running edit's frames: `submit` the newest latent, take `newest` frames as they come."""
+
+    def __init__(self, renderer: "FrameRenderer", key: int):
+        self._renderer, self.key = renderer, key
+        self._frame: Frame | None = None
+        self._submitted_step = -1
+        self.closed = False
+
+    def submit(self, G, latent: torch.Tensor, step: int, noise_mode: str = "const") -> None:
+        """Queue `latent` (replacing any not yet rendered) unless a newer step was submitted."""
+        if self.closed or step <= self._submitted_step:
+            return
+        self._submitted_step = step
+        self._renderer._put(_Job(self, G, latent.detach(), step, noise_mode))
+
+    def newest(self, after_step: int) -> Frame | None:
+        """The newest rendered frame if it is newer than `after_step`, else None."""
+        frame = self._frame
+        return frame if frame is not None and frame.step > after_step else None
+
+    def _publish(self, frame: Frame) -> None:
+        if not self.closed and (self._frame is None or frame.step > self._frame.step):
+            self._frame = frame
+
+    def close(self) -> None:
+        self.closed = True
+        self._renderer._drop(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class FrameRenderer:
+    """A background thread rendering the pending latent of every open stream, newest only."""
+
+    def __init__(self, threads: Callable[[], int] | int | None = None, max_batch: int = 8):
+        self._threads = threads
+        self.max_batch = max_batch
+        self._pending: dict[int, _Job] = {}
+        self._cv = threading.Condition()
+        self._keys = itertools.count()
+        self._worker: threading.Thread | None = None
+        self.frames_rendered = 0
+        self.batches_rendered = 0
+
+    def open_stream(self) -> FrameStream:
+        return FrameStream(self, next(self._keys))
+
+    # -- internal: called by streams
+    def _put(self, job: _Job) -> None:
+        with self._cv:
+            self._pending[job.stream.key] = job  # replaces a stale latent of the same stream
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._loop, name="draggan-frame-renderer", daemon=True)
+                self._worker.start()
+            self._cv.notify()
+
+    def _drop(self, stream: FrameStream) -> None:
+        with self._cv:
+            self._pending.pop(stream.key, None)
+
+    def _take_batch(self) -> list[_Job]:
+        with self._cv:
+            while not self._pending:
+                if not self._cv.wait(timeout=30.0):
+                    if not self._pending:  # idle: let the thread end; the next submit starts one
+                        self._worker = None
+                        return []
+            first = next(iter(self._pending.values()))
+            batch = [j for j in self._pending.values()
+                     if j.G is first.G and j.noise_mode == first.noise_mode][:self.max_batch]
+            for job in batch:
+                del self._pending[job.stream.key]
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if not batch:
+                return
+            threads = self._threads() if callable(self._threads) else self._threads
+            if threads:
+                torch.set_num_threads(threads)
+            try:
+                images, seconds = render_batch(batch[0].G, [j.latent for j in batch], batch[0].noise_mode)
+            except Exception:  # a failed preview must not kill the worker; the run's final render reports errors
+                continue
+            self.batches_rendered += 1
+            for job, image in zip(batch, images):
+                self.frames_rendered += 1
+                job.stream._publish(Frame(job.step, image, seconds))
+
+
+def render_batch(G, latents: list[torch.Tensor], noise_mode: str = "const") -> tuple[list[np.ndarray], float]:
+    """Render same-shape latents [1, num_ws, w_dim] in one forward; returns uint8 images and seconds."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ws = torch.cat([w.to(next(G.parameters()).device, torch.float32) for w in latents], dim=0)
+        img = G.synthesis(ws, noise_mode=noise_mode)
+        images = [to_uint8_image(img[i]) for i in range(img.shape[0])]
+    return images, time.perf_counter() - t0
+
+
+__all__ = ["Frame", "FrameRenderer", "FrameStream", "render_batch"]

@@ -1,0 +1,261 @@
+"""The frame pipeline: background previews never go back in time, runs end on the exact image,
+concurrent sessions keep their own frames; devices and the app's start-up errors."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from draggan_core.devices import DeviceError, ThreadBudget, measure_fused_modconv, resolve_device
+from draggan_core.drag import DragConfig, DragSession
+from draggan_core.frames import FrameRenderer, render_batch
+from draggan_core.latents import seed_to_w
+from draggan_core.models import ModelStore, default_model_path
+from draggan_core.networks import Generator, GeneratorConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ModelStore().get(default_model_path())
+
+
+def _session(model, seed, pair=((20, 40), (27, 44))):
+    s = DragSession(model.G, seed_to_w(model.G, seed), DragConfig(display_every=0, stop_distance=0.1),
+                    model_defaults=model.drag_defaults)
+    s.add_pair(*pair)
+    return s
+
+
+def _stream_run(s, renderer, steps, record):
+    """Drag `steps` steps submitting every latent; record (step -> latent) and the frames taken."""
+    taken = []
+    with renderer.open_stream() as stream:
+        shown = 0
+        for r in s.run(max_steps=steps):
+            if r.done:
+                break
+            record[r.step] = s.latent
+            stream.submit(s.G, s.latent, r.step)
+            frame = stream.newest(after_step=shown)
+            if frame is not None:
+                taken.append(frame)
+                shown = frame.step
+        time.sleep(0.3)  # let the last submitted frame arrive
+        frame = stream.newest(after_step=shown)
+        if frame is not None:
+            taken.append(frame)
+    return taken
+
+
+def test_frames_only_move_forward_and_show_their_steps_latent(model):
+    renderer = FrameRenderer(threads=1)
+    s = _session(model, 3)
+    latents = {}
+    frames = _stream_run(s, renderer, 40, latents)
+    steps = [f.step for f in frames]
+    assert len(frames) >= 2 and steps == sorted(set(steps)), steps  # strictly increasing, never stale
+    for f in frames:
+        expected = render_batch(model.G, [latents[f.step]])[0][0]
+        assert np.abs(f.image.astype(int) - expected.astype(int)).max() <= 1
+
+
+class _SlowSynthesis(torch.nn.Module):
+    """Renders a latent as a flat image of value ws[0, 0, 0], slowly (a big model on a small CPU)."""
+
+    def forward(self, ws, noise_mode="const"):
+        time.sleep(0.2)
+        return ws[:, :1, :1, None].expand(-1, 3, 8, 8) / 127.5
+
+
+class _SlowG(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.synthesis = _SlowSynthesis()
+
+
+def test_a_slow_renderer_skips_stale_latents_instead_of_queueing_them():
+    renderer, G = FrameRenderer(threads=1), _SlowG()
+    with renderer.open_stream() as stream:
+        for step in range(1, 21):  # 20 steps arrive while the first frame renders
+            stream.submit(G, torch.full((1, 1, 1), float(step)), step)
+        stream.submit(G, torch.full((1, 1, 1), 5.0), 5)  # an older step is ignored
+        deadline = time.time() + 5
+        while (stream.newest(after_step=0) is None or stream.newest(after_step=0).step < 20) and time.time() < deadline:
+            time.sleep(0.02)
+        frame = stream.newest(after_step=0)
+    assert frame.step == 20 and int(frame.image[0, 0, 0]) == 128 + 20  # the newest latent's own image
+    assert renderer.frames_rendered == 2  # the first one, then straight to the newest
+
+
+def test_two_concurrent_sessions_keep_their_own_frames(model):
+    renderer = FrameRenderer(threads=1)
+    runs = {3: {}, 11: {}}
+    frames = {}
+    sessions = {seed: _session(model, seed) for seed in runs}
+
+    def work(seed):
+        frames[seed] = _stream_run(sessions[seed], renderer, 30, runs[seed])
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for seed in runs:
+        assert frames[seed], seed
+        for f in frames[seed]:
+            expected = render_batch(model.G, [runs[seed][f.step]])[0][0]
+            # batched renders may round differently by one level; another session's image differs a lot
+            assert np.abs(f.image.astype(int) - expected.astype(int)).max() <= 1, (seed, f.step)
+    # and each edit equals the same edit run alone
+    for seed in runs:
+        alone = _session(model, seed)
+        for _ in alone.run(max_steps=30):
+            pass
+        torch.testing.assert_close(alone.latent, sessions[seed].latent, rtol=0, atol=1e-5)
+
+
+def test_closed_stream_drops_its_pending_latent(model):
+    renderer = FrameRenderer(threads=1)
+    stream = renderer.open_stream()
+    stream.close()
+    stream.submit(model.G, seed_to_w(model.G, 1), 1)
+    time.sleep(0.2)
+    assert stream.newest(after_step=0) is None
+
+
+# ------------------------------------------------------------------ the editor's run loop
+@pytest.fixture()
+def editor():
+    from webui.state import EditorState
+    st = EditorState.create(default_model_path(), seed=3)
+    st.add_pair(20, 40, 27, 44)
+    yield st
+    st.cleanup()
+
+
+def test_run_ends_on_the_exact_render_of_the_final_latent(editor):
+    steps = editor.configure(max_steps=25, stop_distance=0.1)
+    updates = list(editor.run_stream(steps))
+    assert updates[-1].final and "max steps" in updates[-1].status
+    assert np.array_equal(editor.image, editor.session.render())
+    assert np.array_equal(updates[-1].image, editor.display(editor.session.render()))
+    # the run's own step count is shown, with the total (issue: "step 79 / 379" after a finished drag)
+    assert "this run: 25 / 25" in updates[-1].status
+    again = list(editor.run_stream(editor.configure(max_steps=5, stop_distance=0.1)))
+    assert "step 30 (this run: 5 / 5)" in again[-1].status
+
+
+def test_stop_and_resume_show_the_exact_image(editor):
+    steps = editor.configure(max_steps=200, stop_distance=0.1)
+    updates = editor.run_stream(steps)
+    next(updates)
+    next(updates)
+    editor.stop_requested = True
+    rest = list(updates)  # the run notices the flag at its next step and ends without a final frame
+    assert not rest and not editor.running
+    status = editor.stop_view()
+    assert status.startswith(f"stopped at step {editor.session.step_count}")
+    assert np.array_equal(editor.image, editor.session.render())
+    stopped_at = editor.session.step_count
+    final = list(editor.run_stream(editor.configure(max_steps=10, stop_distance=0.1)))[-1]
+    assert editor.session.step_count == stopped_at + 10 and final.final
+    assert np.array_equal(editor.image, editor.session.render())
+
+
+def test_closing_the_stream_like_gradio_cancel_keeps_a_usable_state(editor):
+    updates = editor.run_stream(editor.configure(max_steps=200, stop_distance=0.1))
+    next(updates)
+    updates.close()  # what gradio's cancels=[run] does
+    assert not editor.running
+    editor.stop_view()
+    assert np.array_equal(editor.image, editor.session.render())
+
+
+def test_large_models_stream_jpeg_small_ones_png():
+    from webui.state import EditorState, STORE
+    torch.manual_seed(0)
+    G = Generator(GeneratorConfig(z_dim=32, w_dim=32, img_resolution=256, mapping_layers=2, channel_base=512,
+                                  channel_max=32))
+    from draggan_core.checkpoints import save_native
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "g256.safetensors"
+        save_native(G, path)
+        st = EditorState.create(path)
+        out = st.frame_output()
+        assert isinstance(out, str) and out.endswith(".jpg")
+        from PIL import Image
+        assert Image.open(out).size == (512, 512)
+        st.cleanup()
+        STORE._models.pop(path.resolve(), None)
+    small = EditorState.create(default_model_path())
+    assert isinstance(small.frame_output(), np.ndarray)
+
+
+# ------------------------------------------------------------------ devices and threads
+def test_device_resolution_and_errors(monkeypatch):
+    monkeypatch.delenv("DRAGGAN_DEVICE", raising=False)
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type in ("cpu", "mps")
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device("tpu")
+    monkeypatch.setenv("DRAGGAN_DEVICE", "cpu")
+    assert resolve_device(None).type == "cpu"
+    monkeypatch.setenv("DRAGGAN_DEVICE", "gpu")
+    with pytest.raises(DeviceError):
+        resolve_device(None)
+
+
+def test_thread_budget_splits_the_cores():
+    budget = ThreadBudget(total=8)
+    assert budget.share() == 4  # a lone run and the renderer, half each
+    with budget.run():
+        assert budget.runs == 1 and torch.get_num_threads() == 4
+        with budget.run():
+            assert budget.share() == 2
+    assert budget.runs == 0
+    assert ThreadBudget(total=1).share() == 1
+
+
+def test_fused_modconv_measurement_runs(model):
+    out = measure_fused_modconv(model.G, repeats=1)
+    assert set(out["seconds"]) == {"fused", "non_fused"} and isinstance(out["fused"], bool)
+
+
+# ------------------------------------------------------------------ app start-up errors
+def _app(*args, env=None, timeout=120):
+    full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
+    return subprocess.run([sys.executable, "app.py", *args], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "fake.pkl"], "no such checkpoint file"),
+    (["--device", "tpu"], "unknown device"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
+def test_app_startup_errors_are_one_line_before_serving(args, message):
+    r = _app(*args, "--port", "1")
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr + r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1 and "http://" not in r.stdout
+
+
+def test_app_refuses_a_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"\x80\x04not really a pickle")
+    r = _app("--model", str(bad), "--port", "1")
+    assert r.returncode == 2 and "cannot load model bad.pkl" in r.stderr and "Traceback" not in r.stderr

@@ -53,7 +53,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import numpy as np  # noqa: E402
 
-STEP_RE = re.compile(r"step (\d+) / (\d+)")
+STEP_RE = re.compile(r"step (\d+)")  # the session total; "(this run: k / n)" follows
 TOLERANCE = 1e-4
 
 

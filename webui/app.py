@@ -20,11 +20,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import PIL.Image  # noqa: E402
 
-from draggan_core.devices import DeviceError, add_device_argument, describe  # noqa: E402
 from draggan_core.registry import DownloadError, download, list_models  # noqa: E402
 
-from .state import (STORE, EDITOR_SIZE, THREADS, EditorState, UIError, configure_device,  # noqa: E402
-                    editor_alpha, env_max_steps, load_model, model_choices, resolve_model_path)
+from .state import (STORE, EDITOR_SIZE, EditorState, UIError, editor_alpha, env_max_steps,  # noqa: E402
+                    model_choices, resolve_model_path)
+from .launcher import set_torch_threads  # noqa: E402
 
 MAX_UPLOAD = "20mb"
 # Mask layers are decoded by gradio (PIL) before any handler runs; a tiny PNG can declare 9000x9000
@@ -544,73 +544,6 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
 # launcher
 # ---------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DragGAN web UI")
-    p.add_argument("--model", default=None,
-                   help="checkpoint path, a name in checkpoints/, or a known model name from `draggan models` "
-                        "(downloaded with a progress bar and verified first); default: $DRAGGAN_MODEL or the "
-                        "embedded faces model")
-    add_device_argument(p)
-    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", os.environ.get("HOST", "127.0.0.1")),
-                   help="address to listen on (0.0.0.0 to serve the network)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", os.environ.get("GRADIO_SERVER_PORT", 7860))))
-    p.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
-    return p.parse_args(argv)
-
-
-def set_torch_threads():
-    """Threads of the main thread (start-up, page loads): the CPU share of one run. Drag runs and the
-    frame renderer set their own (`webui.state.THREADS`)."""
-    import torch
-    n = THREADS.share()
-    torch.set_num_threads(n)
-    return n
-
-
-def resolve_startup_model(requested: str | None) -> Path:
-    """A local file or checkpoints/ name as before; else a registry name, downloaded (progress bar on
-    the console, checksum verified) into checkpoints/ unless already there."""
-    requested = requested or os.environ.get("DRAGGAN_MODEL") or None
-    try:
-        return resolve_model_path(requested)
-    except UIError:
-        known = {e.name: e for e in list_models()}
-        if requested not in known:
-            raise UIError(f"model {requested}: no such checkpoint file, and not a known model name "
-                          "(see `python -m draggan_core models`)") from None
-    entry = known[requested]
-    target = entry.local_path(download_dir())
-    if not target.is_file():
-        print(f"downloading {entry.name} ({entry.url}) to {target.parent}/ ...", file=sys.stderr, flush=True)
-    try:
-        return download(entry, dest_dir=download_dir(), progress=True)
-    except DownloadError as e:
-        raise UIError(f"cannot download {entry.name}: {e}") from None
-
-
-def download_dir() -> Path:
-    """Where downloaded checkpoints go: $DRAGGAN_DOWNLOAD_DIR, else the checkpoints/ folder."""
-    return Path(os.environ.get("DRAGGAN_DOWNLOAD_DIR") or Path(__file__).resolve().parents[1] / "checkpoints")
-
-
-def prepare(args) -> tuple[gr.Blocks, str]:
-    """Everything that can fail on bad input, before serving: device, model (loaded, first image
-    rendered), UI. Raises UIError / DeviceError with one-line messages."""
-    device = configure_device(args.device)
-    set_torch_threads()
-    t0 = time.perf_counter()
-    path = resolve_startup_model(args.model)
-    model = load_model(path)
-    st = EditorState.create(path)  # the first image, as the first visitor will see it
-    seconds = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    st.warm_up()
-    demo = build_demo(path)
-    info = (f"model {model.name} ({model.G.img_resolution} px) on {describe(device)}, "
-            f"loaded and rendered in {seconds:.1f} s, first drag steps warmed up in {time.perf_counter() - t1:.1f} s")
-    return demo, info
-
-
 def launch(demo: gr.Blocks, host: str, port: int, share: bool = False, info: str = ""):
     set_torch_threads()
     STORE.get(demo.draggan_model_path)  # load once before the first visitor
@@ -627,14 +560,3 @@ def launch(demo: gr.Blocks, host: str, port: int, share: bool = False, info: str
             print("Could not create a public share link (offline or tunnel blocked); "
                   f"still serving locally at {local_url}", flush=True)
     demo.block_thread()
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        demo, info = prepare(args)
-    except (UIError, DeviceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    launch(demo, args.host, args.port, args.share, info)
-    return 0

@@ -1,0 +1,95 @@
+"""`python app.py`: parse the options, then everything that can fail on bad input (device, model
+download and load, first image) before gradio is even imported, so mistakes cost a second and one
+line (exit 2), never a traceback after the server printed its URL."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from draggan_core.devices import DeviceError, add_device_argument, describe
+from draggan_core.registry import DownloadError, download, list_models
+
+from .state import THREADS, EditorState, UIError, configure_device, load_model, resolve_model_path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="DragGAN web UI")
+    p.add_argument("--model", default=None,
+                   help="checkpoint path, a name in checkpoints/, or a known model name from `draggan models` "
+                        "(downloaded with a progress bar and verified first); default: $DRAGGAN_MODEL or the "
+                        "embedded faces model")
+    add_device_argument(p)
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", os.environ.get("HOST", "127.0.0.1")),
+                   help="address to listen on (0.0.0.0 to serve the network)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", os.environ.get("GRADIO_SERVER_PORT", 7860))))
+    p.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
+    return p.parse_args(argv)
+
+
+def set_torch_threads():
+    """Threads of the main thread (start-up, page loads): the CPU share of one run. Drag runs and the
+    frame renderer set their own (`webui.state.THREADS`)."""
+    import torch
+    n = THREADS.share()
+    torch.set_num_threads(n)
+    return n
+
+
+def resolve_startup_model(requested: str | None) -> Path:
+    """A local file or checkpoints/ name as before; else a registry name, downloaded (progress bar on
+    the console, checksum verified) into checkpoints/ unless already there."""
+    requested = requested or os.environ.get("DRAGGAN_MODEL") or None
+    try:
+        return resolve_model_path(requested)
+    except UIError:
+        known = {e.name: e for e in list_models()}
+        if requested not in known:
+            raise UIError(f"model {requested}: no such checkpoint file, and not a known model name "
+                          "(see `python -m draggan_core models`)") from None
+    entry = known[requested]
+    target = entry.local_path(download_dir())
+    if not target.is_file():
+        print(f"downloading {entry.name} ({entry.url}) to {target.parent}/ ...", file=sys.stderr, flush=True)
+    try:
+        return download(entry, dest_dir=download_dir(), progress=True)
+    except DownloadError as e:
+        raise UIError(f"cannot download {entry.name}: {e}") from None
+
+
+def download_dir() -> Path:
+    """Where downloaded checkpoints go: $DRAGGAN_DOWNLOAD_DIR, else the checkpoints/ folder."""
+    return Path(os.environ.get("DRAGGAN_DOWNLOAD_DIR") or Path(__file__).resolve().parents[1] / "checkpoints")
+
+
+def prepare(args):
+    """Everything that can fail on bad input, before serving: device, model (loaded, first image
+    rendered), UI. Raises UIError / DeviceError with one-line messages."""
+    device = configure_device(args.device)
+    set_torch_threads()
+    t0 = time.perf_counter()
+    path = resolve_startup_model(args.model)
+    model = load_model(path)
+    st = EditorState.create(path)  # the first image, as the first visitor will see it
+    seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    st.warm_up()
+    from .app import build_demo  # gradio is imported only now
+    demo = build_demo(path)
+    info = (f"model {model.name} ({model.G.img_resolution} px) on {describe(device)}, "
+            f"loaded and rendered in {seconds:.1f} s, first drag steps warmed up in {time.perf_counter() - t1:.1f} s")
+    return demo, info
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        demo, info = prepare(args)
+    except (UIError, DeviceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .app import launch
+    launch(demo, args.host, args.port, args.share, info)
+    return 0

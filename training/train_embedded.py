@@ -8,6 +8,10 @@ an L1 weighted up on eyes, brows, nose and mouth (the renderer knows where they 
 down-sampled images. Resumable: rerunning the same command continues from `OUT/last.pt`.
 Batches are a pure function of the step index, so a resumed run sees the same data as an unbroken one.
 
+`--grow-from M --resolution 128` grows a shipped 64 px model by one synthesis block whose ToRGB starts at
+zero, so training starts from M's image up-sampled (the skip architecture sums the blocks' ToRGB
+outputs) instead of from scratch; a schedule stage's `train_only` trains the new block first.
+
 `--init-model M --train-only image-head` fine-tunes a shipped model's image head only (every ToRGB
 layer and the last block): the features of the blocks before it, which the drag engine optimises and
 tracks on, and the mapping stay bit for bit those of M, so drags follow the same latent path and only
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -46,15 +51,41 @@ def trainable_pattern(train_only: str | None) -> str | None:
     return TRAIN_ONLY_PRESETS.get(train_only, train_only) if train_only else None
 
 
-def embedded_config() -> GeneratorConfig:
-    """64 px, narrow channels: ~0.2 s per training step of 16 and a fast drag step on 2 CPU cores."""
+GROW_CHANNELS = 16  # the b128 block's width: at 128x128 every channel costs as much as the whole b32 block's
+
+
+def embedded_config(resolution: int = 64) -> GeneratorConfig:
+    """64 px, narrow channels: ~0.2 s per training step of 16 and a fast drag step on 2 CPU cores.
+    128 px adds a narrow b128 block (the layout `--grow-from` produces)."""
+    channels = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32}
+    if resolution == 128:
+        channels[128] = GROW_CHANNELS
+    elif resolution != 64:
+        raise ValueError(f"the embedded models are 64 or 128 px, not {resolution}")
     return GeneratorConfig(
-        z_dim=faces.PARAM_DIM, w_dim=256, img_resolution=64, mapping_layers=4,
+        z_dim=faces.PARAM_DIM, w_dim=256, img_resolution=resolution, mapping_layers=4,
         mapping_lr_multiplier=1.0,      # regression: the mapping must move as fast as the synthesis
         mapping_normalize_z=False,      # z is the renderer's parameter vector; its norm carries information
-        channels={4: 128, 8: 128, 16: 128, 32: 64, 64: 32},
+        channels=channels,
         use_noise=False,                # targets are deterministic in z: noise inputs only cost time
     )
+
+
+def grow_generator(small: Generator, channels: int = GROW_CHANNELS) -> Generator:
+    """`small` plus one synthesis block at twice its resolution, ready to train. The new block's ToRGB
+    is zero, so the grown image is exactly small's image up-sampled by the skip path's FIR filter
+    (the start of progressive growing's fade-in, with nothing to fade). Every other parameter and
+    buffer (w_avg included) is small's, under the same names (NVIDIA's: synthesis.b128.* is new)."""
+    res = small.cfg.img_resolution * 2
+    cfg = dataclasses.replace(small.cfg, img_resolution=res, channels={**small.cfg.channels, res: channels})
+    grown = Generator(cfg, trainable=True)
+    missing, unexpected = grown.load_state_dict(small.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(f"synthesis.b{res}.") for k in missing), (missing, unexpected)
+    torgb = grown.synthesis.block(res).torgb
+    with torch.no_grad():
+        torgb.weight.zero_()
+        torgb.bias.zero_()
+    return grown
 
 
 DRAG_DEFAULTS_FILE = Path(__file__).with_name("embedded_drag_defaults.json")  # the L1 model's
@@ -103,11 +134,11 @@ def compact_state(state: dict) -> dict:
     return {**state, "G": cast(state["G"], torch.float16), "G_ema": cast(state["G_ema"], torch.float16), "opt": opt}
 
 
-def render_batch(z: np.ndarray, part_gains=(1.0, 1.0, 1.0, 1.0)):
+def render_batch(z: np.ndarray, part_gains=(1.0, 1.0, 1.0, 1.0), resolution: int = 64):
     """Renders and the per-pixel extra loss weight: max over parts of gain_p * coverage_p, [N,1,H,W]
     (gains relative to --part-gain, in faces.PART_NAMES order). Parts without a gain weigh 0: the
     four-value scales written before the ears region existed reproduce those runs exactly."""
-    batch = faces.render(z)
+    batch = faces.render(z, resolution=resolution)
     images = torch.from_numpy(batch.images)
     gains = tuple(part_gains) + (0.0,) * (len(faces.PART_NAMES) - len(part_gains))
     gains = torch.tensor(gains, dtype=torch.float32)[None, :, None, None]
@@ -122,9 +153,9 @@ def _init_render_worker():
     torch.set_num_threads(1)
 
 
-def _render_task(batch: int, seed: int, part_scale: str):
+def _render_task(batch: int, seed: int, part_scale: str, resolution: int = 64):
     z = faces.sample_z(batch, seed=seed)
-    real, part_weight = render_batch(z, parse_part_scale(part_scale))
+    real, part_weight = render_batch(z, parse_part_scale(part_scale), resolution)
     # numpy, not tensors: torch sends tensors between processes through shared-memory file
     # descriptors, which sandboxed machines may not support; plain pickled arrays always work
     return z, real.numpy(), part_weight.numpy()
@@ -133,7 +164,8 @@ def _render_task(batch: int, seed: int, part_scale: str):
 class BatchStream:
     """Training batches for steps start, start+1, ...: rendered in this process, or by `workers`
     processes with a bounded look-ahead (a GPU consumes batches faster than one core renders them).
-    The result is the same either way: batch `step` is z = sample_z(batch, seed=step) and its render."""
+    The result is the same either way: batch `step` is z = sample_z(batch, seed=step) and its render
+    (at the stage's resolution)."""
 
     def __init__(self, start: int, settings, workers: int = 0, lookahead: int = 4):
         self.next_step, self.settings, self.pending = start, settings, collections.deque()
@@ -144,7 +176,7 @@ class BatchStream:
 
     def _task(self, step):
         stage = self.settings(step)
-        return stage.batch, step, stage.part_scale
+        return stage.batch, step, stage.part_scale, getattr(stage, "resolution", 64)
 
     def _fill(self):
         """Queue render tasks until the look-ahead is full."""
@@ -267,8 +299,9 @@ def main(argv=None):
     p.add_argument("--part-l2", type=float, default=0.0,
                    help="weight of an extra squared error on the part regions (a stage may set part_l2)")
     p.add_argument("--schedule", default=None, metavar="JSON",
-                   help="stages [{until_step, lr, decay_start, decay_end, part_scale, batch, part_l2}, ...] overriding those "
-                        "options per step range, e.g. training/embedded_schedule.json (the shipped run)")
+                   help="stages [{until_step, lr, decay_start, decay_end, part_scale, batch, part_l2, train_only}, ...] "
+                        "overriding those options per step range, e.g. training/embedded_schedule.json (the shipped "
+                        "run); a stage's train_only trains only the matching parameters at its steps")
     p.add_argument("--ema-kimg", type=float, default=2.0, help="G_ema half-life in thousands of images")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--save-every-min", type=float, default=5.0)
@@ -279,6 +312,11 @@ def main(argv=None):
     p.add_argument("--resume-state", default=None, metavar="PATH",
                    help="state to continue from when OUT/last.pt does not exist yet, e.g. the committed "
                         "training/state/embedded-last.pt")
+    p.add_argument("--resolution", type=int, default=64, choices=(64, 128), help="render and train at this size")
+    p.add_argument("--grow-from", default=None, metavar="SAFETENSORS",
+                   help="start from this native model grown by one block to --resolution (twice its own), whose "
+                        "first image is the model's up-sampled; used when there is no state to resume")
+    p.add_argument("--grow-channels", type=int, default=GROW_CHANNELS, help="width of the block --grow-from adds")
     p.add_argument("--init-model", default=None, metavar="SAFETENSORS",
                    help="start from this native model's weights (G and G_ema) when there is no state to resume")
     p.add_argument("--train-only", default=None, metavar="PRESET|REGEX",
@@ -303,14 +341,35 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its kernels
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = embedded_config()
+    ckpt_path = out / "last.pt"
+    source = ckpt_path if ckpt_path.exists() else Path(args.resume_state) if args.resume_state else None
+    state = None
+    if source is not None and source.exists():
+        state = torch.load(source, weights_only=True, map_location="cpu")  # the optimiser moves its state
+    base = None  # the model a fine-tune or a grown model starts from (--init-model, --grow-from)
+    grown = None
+    if state is not None:  # the state knows its architecture (a grown model's b128 width included)
+        cfg = GeneratorConfig.from_json(state["config"])
+    elif args.grow_from:
+        from draggan_core.checkpoints import load_generator
+        small = load_generator(args.grow_from).cpu()
+        if small.img_resolution * 2 != args.resolution:
+            p.error(f"--grow-from {args.grow_from}: a {small.img_resolution} px model grows to "
+                    f"{small.img_resolution * 2} px, not --resolution {args.resolution}")
+        grown = grow_generator(small, args.grow_channels)
+        cfg = grown.cfg
+        base = base_info(args.grow_from)
+    else:
+        cfg = embedded_config(args.resolution)
+    if cfg.img_resolution != args.resolution:
+        p.error(f"{source} holds a {cfg.img_resolution} px model: resume it with --resolution {cfg.img_resolution}")
     G = Generator(cfg, trainable=True)
     G_ema = Generator(cfg)
     G_ema.load_state_dict(G.state_dict())
-    ckpt_path = out / "last.pt"
-    source = ckpt_path if ckpt_path.exists() else Path(args.resume_state) if args.resume_state else None
-    base = None  # the model a fine-tune starts from (--init-model)
-    if args.init_model and (source is None or not source.exists()):
+    if grown is not None:
+        G.load_state_dict(grown.state_dict())
+        G_ema.load_state_dict(grown.state_dict())
+    if args.init_model and state is None and grown is None:
         from draggan_core.checkpoints import load_generator
         init = load_generator(args.init_model).cpu()
         if init.cfg.to_json() != cfg.to_json():
@@ -325,6 +384,11 @@ def main(argv=None):
     names = {n for n, _ in trainable}
     for n, q in G.named_parameters():
         q.requires_grad_(n in names)
+    for stage in args.schedule_stages:
+        stage_pattern = trainable_pattern(stage.get("train_only", args.train_only))
+        if stage_pattern and not any(re.search(stage_pattern, n) for n in names):
+            p.error(f"schedule stage until step {stage['until_step']}: train_only {stage_pattern} matches no "
+                    "trainable parameter")
     ema_pairs = dict(G_ema.named_parameters())
     ema_params = [ema_pairs[n] for n, _ in trainable]
     params = [q for _, q in trainable]
@@ -332,8 +396,7 @@ def main(argv=None):
     G_ema.to(device)
     opt = torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.99))
     step, seconds, images = 0, 0.0, 0
-    if source is not None and source.exists():
-        state = torch.load(source, weights_only=True, map_location="cpu")  # the optimiser moves its state
+    if state is not None:
         if (state.get("train_only") or "") != (pattern or ""):
             p.error(f"{source} was trained with --train-only {state.get('train_only') or '(all parameters)'}; "
                     f"resume it with the same setting")
@@ -348,9 +411,13 @@ def main(argv=None):
         print(f"resumed from {source}: step {step}, {seconds / 60:.1f} min trained", file=sys.stderr)
 
     z_eval = torch.from_numpy(faces.sample_z(64, HELD_OUT_SEED))
-    real_eval, _ = render_batch(z_eval.numpy())
+    real_eval, _ = render_batch(z_eval.numpy(), resolution=args.resolution)
     z_eval = z_eval.to(device)
     log = open(out / "log.jsonl", "a")
+    if grown is not None:  # where training starts: the small model's image up-sampled
+        psnr, l1, _ = evaluate(G_ema, z_eval, real_eval)
+        log.write(json.dumps({"step": 0, "kimg": 0.0, "minutes": 0.0, "psnr": psnr, "l1": l1, "grown_from": base["model"]}) + "\n")
+        log.flush()
 
     def save():
         tmp = out / "last.pt.tmp"
@@ -377,11 +444,20 @@ def main(argv=None):
     last_save = time.time()
     psnr = float("nan")
     stream = BatchStream(step, lambda i: stage_for(i, args), workers=args.workers)
+    active_pattern = pattern  # the parameters that take gradients now (a stage's train_only narrows them)
+    start_step, start_seconds = step, seconds
     while seconds < budget and not stopping and (args.max_steps is None or step < args.max_steps):
         t0 = time.time()
         stage = stage_for(step, args)
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, stage)
+        stage_pattern = trainable_pattern(stage.train_only)
+        if stage_pattern != active_pattern:
+            # frozen parameters get no gradient: Adam skips them (their moments wait, untouched) and
+            # backward stops where nothing before needs one, so a new-block-only stage is cheaper
+            for n, q in trainable:
+                q.requires_grad_(stage_pattern is None or re.search(stage_pattern, n) is not None)
+            active_pattern = stage_pattern
         z, real, part_weight = stream.get()
         fake = G(torch.from_numpy(z).to(device), fused=False)
         loss = regression_loss(fake, real.to(device), part_weight.to(device), args.part_gain, stage.part_l2)
@@ -413,8 +489,9 @@ def main(argv=None):
     stream.close()
     psnr, l1, fake_eval = evaluate(G_ema, z_eval, real_eval)
     save_grid(out / "samples_latest.png", real_eval, fake_eval)
-    print(f"stopped at step {step} ({seconds / 60:.1f} min): held-out PSNR {psnr:.2f} dB, L1 {l1:.2f}/255",
-          file=sys.stderr)
+    per_step = (seconds - start_seconds) / max(step - start_step, 1)
+    print(f"stopped at step {step} ({seconds / 60:.1f} min; {per_step:.3f} s per step in this run): "
+          f"held-out PSNR {psnr:.2f} dB, L1 {l1:.2f}/255", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,114 @@
+"""Growing the 64 px default model to 128 px (train_embedded --grow-from): the grown model starts
+exactly at the 64 px image up-sampled, trains on 128 px renders, resumes, and sees batches that
+depend on the step only."""
+import argparse
+import json
+import re
+
+import pytest
+import torch
+
+from draggan_core.checkpoints import load_generator, read_native_metadata
+from draggan_core.models import default_model_path
+from draggan_core.ops import upsample2d
+from training import faces, train_embedded
+
+NEW_BLOCK = r"^synthesis\.b128\."
+
+
+@pytest.fixture(scope="module")
+def small():
+    return load_generator(default_model_path())
+
+
+def test_grown_model_starts_at_the_64px_image_upsampled(small):
+    torch.manual_seed(0)
+    grown = train_embedded.grow_generator(small, 16)
+    assert grown.img_resolution == 128 and grown.num_ws == small.num_ws + 2
+    # every old parameter and buffer kept under its name; the new ones are NVIDIA's b128 names
+    old, new = small.state_dict(), grown.state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old)
+    assert {k for k in new if k not in old} and all(k.startswith("synthesis.b128.") for k in new if k not in old)
+    assert grown.synthesis.b128.conv1.weight.shape[0] == 16
+    z = torch.from_numpy(faces.sample_z(4, seed=123))
+    with torch.no_grad():
+        for psi in (1.0, 0.7):
+            expected = upsample2d(small(z, truncation_psi=psi), grown.synthesis.b128.resample_filter)
+            image = grown(z, truncation_psi=psi)
+            assert image.shape == (4, 3, 128, 128)
+            assert torch.equal(image, expected), (image - expected).abs().max()
+    # not a trivial equality: the new block computes real features, only its ToRGB is zero
+    ws = grown.mapping(z)
+    _, features = grown.synthesis(ws, feature_res=128)
+    assert features.abs().mean() > 1e-3
+
+
+def test_batches_are_a_pure_function_of_the_step():
+    stage = argparse.Namespace(batch=3, part_scale="1,3,8,2", resolution=128)
+    first = train_embedded.BatchStream(5, lambda step: stage)
+    skipped = [first.get() for _ in range(3)]  # steps 5, 6, 7
+    again = train_embedded.BatchStream(7, lambda step: stage).get()
+    z = faces.sample_z(3, seed=7)
+    real, weight = train_embedded.render_batch(z, (1, 3, 8, 2), resolution=128)
+    for a, b in zip(skipped[2], again):
+        assert (a == b).all()
+    assert (again[0] == z).all() and torch.equal(again[1], real) and torch.equal(again[2], weight)
+    assert real.shape == (3, 3, 128, 128) and weight.shape == (3, 1, 128, 128)
+    assert not torch.equal(skipped[0][1], skipped[1][1])
+
+
+def _grow_run(out, steps, schedule, extra=()):
+    args = ["--out", str(out), "--grow-from", str(default_model_path()), "--resolution", "128",
+            "--max-steps", str(steps), "--batch", "2", "--eval-every", "1000", "--threads", "1",
+            "--schedule", str(schedule), *extra]
+    assert train_embedded.main(args) == 0
+    return torch.load(out / "last.pt", weights_only=True)
+
+
+def test_grown_training_trains_the_new_block_first_and_resumes(tmp_path, small):
+    sched = tmp_path / "s.json"
+    sched.write_text(json.dumps({"stages": [
+        {"until_step": 2, "lr": 2e-3, "part_scale": "1,3,8,2", "part_l2": 8.0, "train_only": NEW_BLOCK},
+        {"until_step": 99, "lr": 5e-4, "part_scale": "1,3,8,2", "part_l2": 8.0}]}))
+    after_new_block = _grow_run(tmp_path / "a", 2, sched)
+    old = small.state_dict()
+    changed = {k for k, v in after_new_block["G"].items() if k in old and not torch.equal(v, old[k].float())}
+    assert not changed, changed  # the 64 px network is untouched while the new block trains
+    assert not torch.equal(after_new_block["G"]["synthesis.b128.torgb.weight"],
+                           torch.zeros_like(after_new_block["G"]["synthesis.b128.torgb.weight"]))
+    start = json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[0])
+    assert start["step"] == 0 and start["grown_from"] == default_model_path().name and start["psnr"] > 20
+
+    resumed = _grow_run(tmp_path / "a", 4, sched, ["--export", str(tmp_path / "m.safetensors")])
+    whole = _grow_run(tmp_path / "b", 4, sched)
+    assert resumed["step"] == whole["step"] == 4 and resumed["images"] == 8
+    for k, v in whole["G_ema"].items():
+        assert torch.equal(v, resumed["G_ema"][k]), k
+    for k, v in whole["opt"]["state"].items():
+        assert torch.equal(v["exp_avg"], resumed["opt"]["state"][k]["exp_avg"]), k
+    # the second stage trains everything: the mapping and the 64 px blocks moved too
+    assert not torch.equal(whole["G"]["mapping.fc0.weight"], old["mapping.fc0.weight"].float())
+    assert not torch.equal(whole["G"]["synthesis.b16.conv1.weight"], old["synthesis.b16.conv1.weight"].float())
+
+    # the snapshot is a 128 px model whose metadata counts the 64 px model's training too
+    G = load_generator(tmp_path / "m.safetensors")
+    meta, small_meta = read_native_metadata(tmp_path / "m.safetensors"), read_native_metadata(default_model_path())
+    assert G.img_resolution == 128 and G.cfg.channels[128] == 16
+    assert int(meta["training_steps"]) == int(small_meta["training_steps"]) + 4
+
+    # the state knows its architecture: resuming it at the wrong resolution is refused
+    with pytest.raises(SystemExit):
+        train_embedded.main(["--out", str(tmp_path / "a"), "--max-steps", "5", "--threads", "1"])
+
+
+def test_committed_grow_schedule_is_consistent():
+    from pathlib import Path
+    sched = json.loads((Path(train_embedded.__file__).parent / "grow128_schedule.json").read_text())
+    stages = sched["stages"]
+    ends = [s["until_step"] for s in stages]
+    assert ends == sorted(ends) and len(set(ends)) == len(ends)
+    assert stages[0]["train_only"] == NEW_BLOCK and all("train_only" not in s for s in stages[1:])
+    assert stages[1]["lr"] < stages[0]["lr"]  # everything trains at a lower lr than the new block did
+    grown = train_embedded.grow_generator(load_generator(default_model_path()))
+    names = [n for n, _ in grown.named_parameters()]
+    assert {n for n in names if re.search(NEW_BLOCK, n)} == {n for n in names if n.startswith("synthesis.b128.")}

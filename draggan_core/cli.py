@@ -8,7 +8,10 @@ touching this file, by living in `draggan_core/cli_<name>.py` and defining `add_
 `resolve_model_path`, `CliError`.
 
 Expected failures (bad files, bad arguments, network) print `error: <one line>` to stderr and exit
-with code 2, never a traceback.
+with code 2, never a traceback. Output paths are checked before any work (`check_outputs`): a run
+never spends minutes and then fails to write. Every option's help shows its default.
+
+Installed with pip, the same commands are the `draggan` console command (pyproject.toml).
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from .models import default_model_path
 
 DEFAULT_MODEL = default_model_path()
 EXIT_ERROR = 2
+
+MAX_OUTPUT_SIDE = 8192  # --scale may enlarge images up to this many pixels a side
 
 AddParser = Callable[[argparse._SubParsersAction], None]
 COMMANDS: dict[str, AddParser] = {}
@@ -46,10 +51,43 @@ def register_command(name: str):
 # shared helpers
 # --------------------------------------------------------------------------------------------------
 
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends '(default: ...)' to every option's help that does not state its default itself.
+
+    Flags read '(default: off)' and options without a value '(default: none)'. Options whose default
+    depends on the model say so in their own help text.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.required or action.default is argparse.SUPPRESS
+                or "default" in text.lower()):
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            default = "on" if action.default else "off"
+        elif action.default is None or action.default == []:
+            default = "none"
+        else:
+            default = "%(default)s"
+        return f"{text} (default: {default})".lstrip()
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def add_model_argument(parser: argparse.ArgumentParser, **kwargs) -> None:
     parser.add_argument("--model", "-m", default=None, metavar="PATH",
                         help=kwargs.get("help", f"generator checkpoint (NVIDIA .pkl, rosinality .pt or "
-                                                f".safetensors); default: {_display(DEFAULT_MODEL)}"))
+                                                f".safetensors; a bare file name is also looked up in the "
+                                                f"bundled models folder); default: {_display(DEFAULT_MODEL)}"))
 
 
 def resolve_model_path(arg: str | os.PathLike | None) -> Path:
@@ -60,8 +98,63 @@ def resolve_model_path(arg: str | os.PathLike | None) -> Path:
         return DEFAULT_MODEL
     path = Path(arg)
     if not path.is_file():
+        # a bare name such as the web UI's recipes write ("model": "embedded-faces64.safetensors")
+        bundled = DEFAULT_MODEL.parent / path.name
+        if str(path) == path.name and bundled.is_file():
+            return bundled
         raise CliError(f"{path}: model file not found")
     return path
+
+
+def check_outputs(*outputs: tuple[str, str | os.PathLike | None, str]) -> None:
+    """Refuse unusable output paths before any work is done.
+
+    Each output is (flag, path or None, kind) with kind "file", "image" (a format Pillow can write)
+    or "animation" (one Pillow can write with several frames). The folder must already exist and be
+    writable: creating folders from a mistyped path would hide the typo.
+    """
+    seen: dict[Path, str] = {}
+    for flag, path, kind in outputs:
+        if path is None:
+            continue
+        path = Path(path)
+        where = f"{flag} {path}"
+        if path.is_dir():
+            raise CliError(f"{where}: is a folder; give a file name")
+        folder = path.parent
+        if not folder.is_dir():
+            state = "is not a folder" if folder.exists() else "does not exist"
+            raise CliError(f"{where}: folder {folder} {state}")
+        if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise CliError(f"{where}: not writable")
+        if kind in ("image", "animation"):
+            _check_image_format(where, path, animated=kind == "animation")
+        key = path.resolve()
+        if key in seen:
+            raise CliError(f"{seen[key]} and {flag} both name {path}")
+        seen[key] = flag
+
+
+def _check_image_format(where: str, path: Path, animated: bool) -> None:
+    from PIL import Image
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise CliError(f"{where}: cannot write '{path.suffix}' images (use .png, .jpg, .webp, ...)")
+    if animated and fmt not in Image.SAVE_ALL:
+        raise CliError(f"{where}: cannot write an animation as '{path.suffix}' (use .gif, .webp or .png)")
+
+
+def check_scale(scale: int, resolution: int) -> None:
+    if resolution * scale > MAX_OUTPUT_SIDE:
+        raise CliError(f"--scale {scale} would write {resolution * scale} px images; "
+                       f"at most {MAX_OUTPUT_SIDE // resolution} for this {resolution} px model")
+
+
+def enlarge(image, scale: int):
+    """HxW(xC) uint8 array -> PIL image enlarged `scale` times, nearest neighbour (pixels stay sharp)."""
+    from PIL import Image
+    pil = Image.fromarray(image)
+    return pil if scale == 1 else pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
 
 
 def load_model(arg: str | os.PathLike | None, device: str = "cpu"):
@@ -100,15 +193,17 @@ def _add_render(subparsers):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--seed", type=int, help="random seed (0 .. 2**32-1), as in the official code")
     src.add_argument("--latent", metavar="W.npy", help="W or W+ latent (.npy or torch .pt)")
-    p.add_argument("--psi", type=float, default=0.7, help="truncation psi for --seed (default 0.7)")
-    p.add_argument("--cutoff", type=int, default=None, help="truncate only the first N layers (default all)")
+    p.add_argument("--psi", type=float, default=0.7, help="truncation psi for --seed")
+    p.add_argument("--cutoff", type=int, default=None, help="truncate only the first N layers (default: all)")
     p.add_argument("--class", dest="class_idx", type=int, default=None,
                    help="class index for conditional models (one-hot label)")
-    p.add_argument("--noise-mode", choices=("const", "random", "none"), default="const")
+    p.add_argument("--noise-mode", choices=("const", "random", "none"), default="const", help="noise inputs")
     p.add_argument("--out", "-o", required=True, metavar="OUT.png", help="output image")
+    p.add_argument("--scale", type=positive_int, default=1, metavar="N",
+                   help="enlarge the output image N times (nearest neighbour: pixels stay sharp)")
     p.add_argument("--raw", metavar="OUT.npy", help="also write the float32 (C,H,W) unclamped generator output")
     p.add_argument("--save-latent", metavar="W.npy", help="also write the W+ latent used (float32 (1,num_ws,w_dim))")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device")
     p.set_defaults(func=_cmd_render)
 
 
@@ -136,7 +231,10 @@ def _cmd_render(args) -> int:
     from .latents import load_latent, save_latent, seed_to_w
     from .networks import to_uint8_image
 
+    check_outputs(("--out", args.out, "image"), ("--raw", args.raw, "file"),
+                  ("--save-latent", args.save_latent, "file"))
     G = load_model(args.model, device=args.device)
+    check_scale(args.scale, G.img_resolution)
     if args.latent is not None:
         ws = load_latent(args.latent, G)
     else:
@@ -147,18 +245,16 @@ def _cmd_render(args) -> int:
     with torch.no_grad():
         img = G.synthesis(ws.to(args.device), noise_mode=args.noise_mode)
     out = Path(args.out)
-    _ensure_parent(out)
     arr = to_uint8_image(img)
     if arr.shape[2] == 1:
         arr = arr[:, :, 0]
     try:
-        Image.fromarray(arr).save(out)
-    except ValueError as e:  # e.g. unknown extension
+        enlarge(arr, args.scale).save(out)
+    except ValueError as e:  # e.g. a format that cannot hold this image mode
         raise CliError(f"{out}: cannot write image ({_one_line(e)})") from None
     written = [str(out)]
     if args.raw:
         raw = Path(args.raw)
-        _ensure_parent(raw)
         with open(raw, "wb") as f:
             np.save(f, img[0].detach().to("cpu", torch.float32).numpy(), allow_pickle=False)
         written.append(str(raw))
@@ -166,11 +262,6 @@ def _cmd_render(args) -> int:
         written.append(str(save_latent(args.save_latent, ws)))
     print("wrote " + ", ".join(written))
     return 0
-
-
-def _ensure_parent(path: Path):
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,11 +282,11 @@ def _cmd_convert(args) -> int:
     import torch
 
     from .checkpoints import save_native
-    G = load_model(args.input)
     out = Path(args.output)
     if out.resolve() == Path(args.input).resolve():
         raise CliError("output would overwrite the input file")
-    _ensure_parent(out)
+    check_outputs(("OUT", out, "file"))
+    G = load_model(args.input)
     tmp = out.with_name(out.name + ".tmp")
     try:
         save_native(G, tmp, dtype=torch.float16 if args.fp16 else torch.float32)
@@ -273,7 +364,9 @@ def _add_download(subparsers):
     p = subparsers.add_parser("download", help="download a known public checkpoint",
                               description="Download a model listed by `models` (resumable, verified).")
     p.add_argument("name", help="registry name (see `models`) or an http(s) URL")
-    p.add_argument("--dir", default=str(DEFAULT_CHECKPOINTS_DIR), help="destination folder (default: repo checkpoints/)")
+    p.add_argument("--dir", default=str(DEFAULT_CHECKPOINTS_DIR),
+                   help="destination folder, created if missing (default: the bundled models folder, "
+                        f"{_display(DEFAULT_CHECKPOINTS_DIR)})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_download)
 
@@ -287,23 +380,61 @@ def _cmd_download(args) -> int:
 
 @register_command("models")
 def _add_models(subparsers):
-    p = subparsers.add_parser("models", help="list known public checkpoints",
-                              description="List the download registry.")
-    p.add_argument("--dir", default=str(DEFAULT_CHECKPOINTS_DIR), help="checkpoint folder to check for local copies")
+    p = subparsers.add_parser("models", help="list the local models and the known public checkpoints",
+                              description="List the models in the models folder, then the download registry.")
+    p.add_argument("--dir", default=str(DEFAULT_CHECKPOINTS_DIR),
+                   help=f"models folder to list (default: the bundled models folder, {_display(DEFAULT_CHECKPOINTS_DIR)})")
     p.set_defaults(func=_cmd_models)
 
 
-def _cmd_models(args) -> int:
-    from .registry import list_models
-    rows = []
-    for e in list_models():
-        size = f"{e.size_bytes / 1e6:.0f} MB" if e.size_bytes else "?"
-        local = "yes" if e.local_path(args.dir).is_file() else "-"
-        rows.append((e.name, str(e.resolution or "?"), size, local, e.licence or "?"))
-    header = ("name", "res", "size", "local", "licence")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size < 10e6 else f"{size / 1e6:.0f} MB"
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the last column is not padded (it may be long)."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for r in [header, *rows]:
-        print("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
+        print("  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip())
+
+
+def _native_resolution(path: Path) -> str:
+    import json
+
+    from .checkpoints import read_native_metadata
+    try:
+        return str(json.loads(read_native_metadata(path)["config"])["img_resolution"])
+    except Exception:  # another format: the file would have to be loaded to know
+        return "?"
+
+
+def _cmd_models(args) -> int:
+    from .models import list_local_models
+    from .registry import list_models
+
+    folder = Path(args.dir)
+    local = list_local_models(folder)
+    print(f"local models in {_display(folder)}:")
+    if local:
+        _print_table(("name", "res", "size", ""),
+                     [(p.name, _native_resolution(p), _megabytes(p.stat().st_size),
+                       "default" if p.resolve() == DEFAULT_MODEL.resolve() else "") for p in local])
+    else:
+        print("  (none)")
+    print()
+    print("downloadable (`download NAME`):")
+    entries = list_models()
+    sizes = []
+    for e in entries:  # the registry's size when verified, else that of a downloaded copy
+        copy = e.local_path(folder)
+        size = e.size_bytes or (copy.stat().st_size if copy.is_file() else None)
+        sizes.append(_megabytes(size) if size else "?")
+    rows = [(e.name, str(e.resolution or "?"), size, "yes" if e.local_path(folder).is_file() else "-",
+             e.licence or "?") for e, size in zip(entries, sizes)]
+    header = ("name", "res", "size", "local", "licence")
+    if all(size == "?" for size in sizes):  # nothing known: a column of '?' says nothing
+        header, rows = header[:2] + header[3:], [r[:2] + r[3:] for r in rows]
+    _print_table(header, rows)
     return 0
 
 
@@ -328,14 +459,21 @@ def _discover_command_modules() -> None:
             COMMANDS[mod.name[len("cli_"):]] = add
 
 
+def _program_name() -> str:
+    """`draggan` when run as the installed console command, else the module form."""
+    return "draggan" if Path(sys.argv[0]).name == "draggan" else "python -m draggan_core"
+
+
 def build_parser() -> argparse.ArgumentParser:
     _discover_command_modules()
-    parser = argparse.ArgumentParser(prog="python -m draggan_core",
+    parser = argparse.ArgumentParser(prog=_program_name(),
                                      description="DragGAN editor tools (StyleGAN2 generator, checkpoints, latents).")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
     subparsers.required = True
     for add in COMMANDS.values():
         add(subparsers)
+    for command_parser in subparsers.choices.values():  # every command shows its defaults, add-ons too
+        command_parser.formatter_class = DefaultsHelpFormatter
     return parser
 
 

@@ -11,6 +11,9 @@ when there is no mask (exact), and no weight gradients are computed. Same settin
 (lr 1e-3, r1 3, r2 12), so the handle trajectories must agree; `max_dev_px` checks it.
 Our default formulation (native-grid sampling, exact disc, L1 tracking) is timed too
 (`ours_default_step_s`); its trajectory differs by design. No image is rendered in timed steps.
+
+Progress goes to stderr (a line per phase, a bar on a terminal); with --json stdout holds only the
+JSON object.
 """
 from __future__ import annotations
 
@@ -23,9 +26,11 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .drag import DragConfig, DragSession
 from .networks import Generator, GeneratorConfig
@@ -94,9 +99,20 @@ class _OfficialStyleStep:
         self.G.zero_grad(set_to_none=True)
 
 
-def run_bench(config="ffhq512", steps=20, mask=False, threads=None, log=print) -> dict:
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+PHASE_LABELS = {"ours": "ours (same math)", "default": "ours (default formulation)", "baseline": "official-style"}
+
+
+def run_bench(config="ffhq512", steps=20, mask=False, threads=None, log=print,
+              progress: Callable[[str], None] | None = _stderr) -> dict:
+    """`log` receives the results, `progress` what is being done (None: silent)."""
+    say = progress or (lambda message: None)
     if threads:
         torch.set_num_threads(threads)
+    say(f"loading {config} ...")
     G, desc = _load(config)
     res = G.img_resolution
     rng = np.random.RandomState(0)
@@ -128,16 +144,20 @@ def run_bench(config="ffhq512", steps=20, mask=False, threads=None, log=print) -
             ctx = _OfficialStyleStep(G, s)
         else:
             ctx = contextlib.nullcontext()
-        with ctx:
+        say(f"timing {PHASE_LABELS[name]}: {steps} steps ...")
+        with ctx, tqdm(total=steps, desc=PHASE_LABELS[name], unit="step", file=sys.stderr, leave=False,
+                       disable=progress is None or not sys.stderr.isatty()) as bar:
             handles, times = [], []
             gen = s.run(max_steps=steps)
             for r in gen:
                 handles.append(r.handles[0])
                 times.append(r.seconds)
+                bar.n = min(r.step, steps)
+                bar.refresh()
             # the first step includes one-time setup (reference features, kernel selection)
             step_s = float(np.median(times[1:steps])) if steps > 1 else times[0]
         results[name] = dict(step_s=step_s, handles=handles, peak_rss_mb=_peak_rss_mb())
-        label = {"ours": "ours (same math)", "default": "ours (default formulation)", "baseline": "official-style"}[name]
+        label = PHASE_LABELS[name]
         log(f"{label:27s}: {step_s * 1000:8.1f} ms/step ({1 / step_s:6.2f} steps/s), peak RSS so far "
             f"{results[name]['peak_rss_mb']:.0f} MB, handle {handles[0]} -> {handles[-1]}")
     n = min(len(results["ours"]["handles"]), len(results["baseline"]["handles"]))
@@ -157,9 +177,9 @@ def add_parser(subparsers):
     p = subparsers.add_parser("bench", help="benchmark our drag step against an official-style step",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="ffhq512", help="ffhq512 (random weights), embedded, or a checkpoint path")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per phase (the median is reported)")
     p.add_argument("--mask", action="store_true", help="benchmark the masked case (full feature map)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=_main)
 

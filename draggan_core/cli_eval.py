@@ -16,7 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import CliError, add_model_argument, resolve_model_path
+from .cli import CliError, add_model_argument, check_outputs, resolve_model_path
+from .landmark_net import DEFAULT_DETECTOR_PATH
 
 
 def add_parser(subparsers):
@@ -35,11 +36,11 @@ def add_parser(subparsers):
     p.add_argument("--round-points", action="store_true",
                    help="round handles and targets to pixel centres (as clicks are) instead of sub-pixel")
     p.add_argument("--detector", metavar="PATH", default=None,
-                   help="landmark detector weights (default checkpoints/landmarks64.safetensors)")
+                   help="landmark detector weights (default: landmarks64.safetensors in the bundled models folder)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
     p.add_argument("--out", metavar="OUT.json", help="also write the full result (with per-pair records)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="torch device")
     p.set_defaults(func=run)
 
 
@@ -69,6 +70,7 @@ def run(args) -> int:
     from .evaluation import EvalConfig, evaluate, load_detector
     from .models import drag_defaults_of
 
+    check_outputs(("--out", args.out, "file"))
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = EvalConfig(pairs=args.pairs, points=args.points, steps=args.steps, seed=args.seed,
@@ -101,7 +103,7 @@ def run(args) -> int:
     finally:
         bar.close()
     result["model"] = str(model_path)
-    result["detector"] = str(args.detector or "checkpoints/landmarks64.safetensors")
+    result["detector"] = str(args.detector or DEFAULT_DETECTOR_PATH)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(format_report(result))

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import CliError, add_model_argument, load_model
+from .cli import CliError, add_model_argument, check_outputs, load_model
 
 
 def add_parser(subparsers):
@@ -31,7 +31,7 @@ def add_parser(subparsers):
     p.add_argument("--tuned-model", metavar="OUT.safetensors", help="with --pti-steps: write the tuned copy of G")
     p.add_argument("--png", metavar="OUT.png", help="also write the reconstruction")
     p.add_argument("--seed", type=int, default=0, help="seed of the random start samples (default 0)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device")
     p.set_defaults(func=run)
 
 
@@ -50,6 +50,8 @@ def run(args) -> int:
         raise CliError("--tuned-model needs --pti-steps N (N > 0)")
     if not Path(args.image).is_file():
         raise CliError(f"{args.image}: image file not found")
+    check_outputs(("--out", args.out, "file"), ("--png", args.png, "image"),
+                  ("--tuned-model", args.tuned_model, "file"))
     settings = {k: v for k, v in {"steps": args.steps, "w_steps": args.w_steps, "lr": args.lr,
                                   "init": args.init, "pti_steps": args.pti_steps, "seed": args.seed}.items()
                 if v is not None}
@@ -70,8 +72,6 @@ def run(args) -> int:
     if args.png:
         from PIL import Image
         out = Path(args.png)
-        if not out.parent.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
         try:
             Image.fromarray(result.image).save(out)
         except ValueError as e:

@@ -3,13 +3,15 @@
     {"seed": 3, "psi": 0.7, "drags": [[hx, hy, tx, ty], ...], "steps": 300, "lr": 0.002, ...}
 
 `latent` (a .npy path, relative to the recipe file) may replace `seed`; `mask` is a PNG path
-(white = may change). Any DragConfig field may be given; unknown keys are rejected.
+(white = may change, relative to the recipe file too). Any DragConfig field may be given; unknown
+keys are rejected. `to_json` is the one writer: the web UI's export and `drag --save-recipe` use it.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +40,16 @@ class Recipe:
              "drags": [list(map(_num, d)) for d in self.drags], "mask": self.mask, "steps": self.steps}
         d.update(self.settings)
         return json.dumps({k: v for k, v in d.items() if v is not None}, indent=2)
+
+    def save(self, path: str | Path) -> Path:
+        """Write to `path`; latent and mask paths (as given, relative to the current folder) are
+        rewritten relative to the recipe's folder, which is how `load` reads them."""
+        path = Path(path)
+        folder = path.resolve().parent
+        moved = dataclasses.replace(self, latent=_relative_to(self.latent, folder),
+                                    mask=_relative_to(self.mask, folder))
+        path.write_text(moved.to_json() + "\n")
+        return path
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
@@ -83,6 +95,10 @@ class Recipe:
         if recipe.mask and not Path(recipe.mask).is_absolute():
             recipe.mask = str(base / recipe.mask)
         return recipe
+
+
+def _relative_to(file: str | None, folder: Path) -> str | None:
+    return None if file is None else os.path.relpath(Path(file).resolve(), folder)
 
 
 def _num(v: float):

@@ -58,6 +58,7 @@ def test_render_latent_matches_official(tmp_path, ref):
 
 def test_save_latent_round_trip(tmp_path, ref):
     w = tmp_path / "sub" / "w.npy"
+    w.parent.mkdir()  # output folders must exist (checked before any work)
     raw_a, raw_b = tmp_path / "a.npy", tmp_path / "b.npy"
     assert run("render", "--model", PKL, "--seed", 0, "--psi", 0.7, "--out", tmp_path / "a.png", "--raw", raw_a,
                "--save-latent", w) == 0

@@ -221,6 +221,7 @@ def test_cli_round_trip(G, known, tmp_path, capsys):
     src = tmp_path / "in.png"
     Image.fromarray(np.kron(img, np.ones((3, 2, 1), np.uint8))).convert("RGBA").save(src)  # 48x32, RGBA
     out, png = tmp_path / "w.npy", tmp_path / "sub" / "recon.png"
+    png.parent.mkdir()  # output folders must exist (the CLI checks them before any work)
     rc = main(["invert", "--model", str(model), "--image", str(src), "--out", str(out), "--steps", "30",
                "--png", str(png)])
     captured = capsys.readouterr()

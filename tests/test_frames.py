@@ -230,3 +230,28 @@ def test_thread_budget_splits_the_cores():
 def test_fused_modconv_measurement_runs(model):
     out = measure_fused_modconv(model.G, repeats=1)
     assert set(out["seconds"]) == {"fused", "non_fused"} and isinstance(out["fused"], bool)
+
+
+def test_trajectory_frames_of_large_models_are_kept_small():
+    from webui.state import GIF_SIZE, _trajectory_frame
+    big = np.random.RandomState(0).randint(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    assert _trajectory_frame(big).shape == (GIF_SIZE, GIF_SIZE, 3)
+    small = big[:64, :64]
+    assert _trajectory_frame(small) is small
+
+
+def test_the_mask_canvas_follows_the_image_when_a_run_ends(editor):
+    from webui.app import App
+    alpha = np.zeros((256, 256), np.uint8)
+    alpha[100:180, 60:140] = 255  # painted = flexible
+    editor.set_mask_from_layer(alpha)
+    before = editor.editor_background()
+    outs = list(App(default_model_path()).run(editor, 5, "", "", "", "", "0.1", "default", "model default", 1))
+    canvas = outs[-1][4]
+    assert all("background" not in o[4] for o in outs[:-1])  # streamed updates skip the canvas
+    assert "background" in canvas and np.array_equal(canvas["background"], editor.editor_background())
+    assert not np.array_equal(canvas["background"], before)
+    painted = canvas["layers"][0][..., 3] > 0  # the painted mask is kept on the new background
+    assert painted[140, 100] and not painted[20, 20]
+    editor.set_mask_from_layer(canvas["layers"][0][..., 3])  # the canvas round-trips to the same mask
+    assert editor.mask_array()[35, 25] and not editor.mask_array()[5, 5]

@@ -36,6 +36,7 @@ RENDERER = FrameRenderer(threads=THREADS.share)  # previews in the background, n
 DISPLAY_TARGET = 512          # the main image is upscaled by an integer factor to about this size
 EDITOR_SIZE = 256             # mask canvas size (editor pixels)
 MAX_FRAMES = 300              # trajectory frames kept for the GIF
+GIF_SIZE = 256                # trajectory frames (and the GIF) are at most this size, at least upscaled to it
 MAX_POINT_PAIRS = 32
 FRAME_INTERVAL = 0.125        # at most ~8 streamed frames per second
 STATUS_INTERVAL = 0.5         # without a new frame, the status still updates this often
@@ -179,7 +180,7 @@ class EditorState:
         self.session = session
         self.mask_painted = 0
         self.image = session.render()
-        self.frames = [self.image]
+        self.frames = [_trajectory_frame(self.image)]
         self.last_distances = []
 
     # ------------------------------------------------------------------ latent
@@ -328,7 +329,7 @@ class EditorState:
         self._check_idle()
         self.session.reset()
         self.image = self.session.render()
-        self.frames = [self.image]
+        self.frames = [_trajectory_frame(self.image)]
         self.last_distances = []
         self.last_status = "image reset"
 
@@ -488,7 +489,7 @@ class EditorState:
         self.image = img
         if len(self.frames) >= MAX_FRAMES:  # keep the first frame, thin the rest
             self.frames = self.frames[:1] + self.frames[2::2]
-        self.frames.append(img)
+        self.frames.append(_trajectory_frame(img))
 
     def status_text(self, result, run_steps: int, first_step: int, state: str) -> str:
         """'step 82 (this run: 3 / 300) - distances: 4.1 px - running': totals and this run's count."""
@@ -584,8 +585,8 @@ class EditorState:
         return path
 
     def export_gif(self) -> Path:
-        frames = self.frames or [self.image]
-        scale = max(1, 256 // self.resolution)
+        frames = self.frames or [_trajectory_frame(self.image)]
+        scale = max(1, GIF_SIZE // frames[0].shape[0])
         imgs = [Image.fromarray(_resize_nearest(f, scale)) for f in frames]
         path = self.workdir() / "trajectory.gif"
         durations = [80] * len(imgs)
@@ -633,6 +634,13 @@ class RunUpdate:
     status: str
     final: bool = False
     warning: bool = False      # the status is a problem to show as a warning
+
+
+def _trajectory_frame(img: np.ndarray) -> np.ndarray:
+    """Trajectory frames are kept at most GIF_SIZE px: 300 full 1024 px frames would hold 900 MB."""
+    if img.shape[0] <= GIF_SIZE:
+        return img
+    return np.asarray(Image.fromarray(img).resize((GIF_SIZE, GIF_SIZE), Image.BOX))
 
 
 def _bbox(m):

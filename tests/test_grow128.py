@@ -112,3 +112,19 @@ def test_committed_grow_schedule_is_consistent():
     grown = train_embedded.grow_generator(load_generator(default_model_path()))
     names = [n for n, _ in grown.named_parameters()]
     assert {n for n in names if re.search(NEW_BLOCK, n)} == {n for n in names if n.startswith("synthesis.b128.")}
+
+
+def test_model_metrics_at_128px_use_the_protocol_scaled(small):
+    """The model-card metrics of a 128 px model: PSNR against 128 px renders, pixel radii doubled,
+    and a smaller baseline compared through its up-sampled image (so the grown model at its start
+    scores exactly what the 64 px model up-sampled does)."""
+    from draggan_core.landmark_net import LandmarkDetector
+    from training import model_metrics
+    torch.manual_seed(0)
+    grown = train_embedded.grow_generator(small).eval().requires_grad_(False)
+    m = model_metrics.compute_metrics(grown, LandmarkDetector.load(), n=6, baseline_G=small, drag_edits=1,
+                                      model_defaults=json.loads(train_embedded.GROW128_DRAG_DEFAULTS_FILE.read_text()),
+                                      log=lambda s: None)
+    assert m["resolution"] == 128 and m["drag"]["success_px"] == 4.0
+    assert m["psnr_db"] == pytest.approx(m["baseline_psnr_db"], abs=1e-4) and 20 < m["psnr_db"] < 40
+    assert m["landmark_px_detector_on_renders"] < 1.0  # 128 px renders, seen down-sampled by the 64 px detector

@@ -33,10 +33,11 @@ TEST_TIME_AUGMENTATION = ("mirror (left/right landmarks swapped) and 1-px shifts
                           "points averaged over the 18 views")
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-sample separable Gaussian blur; sigma [N] in px (0 = identity)."""
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 4) -> torch.Tensor:
+    """Per-sample separable Gaussian blur; sigma [N] in px (0 = identity), kernel cut at `radius` px
+    (scale it with sigma to blur a larger image exactly like a smaller one)."""
     n, c, h, w = x.shape
-    r = 4
+    r = radius
     t = torch.arange(-r, r + 1, dtype=x.dtype)
     s = sigma.clamp_min(1e-3)[:, None]
     k = torch.exp(-0.5 * (t[None] / s) ** 2)
@@ -81,14 +82,16 @@ def losses(net, out, target, inside, visible, heat_weight=0.02):
 
 @torch.no_grad()
 def held_out_error(net: LandmarkNet, n: int = 500, seed: int = HELD_OUT_SEED, blur: float = 0.0,
-                   flip: bool = True, shift: bool = True) -> dict:
+                   flip: bool = True, shift: bool = True, resolution: int = 64) -> dict:
     """Mean / median / p95 error (px) over visible landmarks of n held-out renders (optionally blurred),
-    detected with the given test-time augmentation (default: the detector's, mirror + shifts)."""
+    detected with the given test-time augmentation (default: the detector's, mirror + shifts).
+    resolution: render at this size (the detector down-samples to its own and scales the points
+    back); errors are in pixels of the rendered size."""
     net.eval()
-    batch = faces.render(faces.sample_z(n, seed))
+    batch = faces.render(faces.sample_z(n, seed), resolution=resolution)
     x = torch.from_numpy(batch.images)
     if blur > 0:
-        x = gaussian_blur(x, torch.full((n,), float(blur)))
+        x = gaussian_blur(x, torch.full((n,), float(blur)), radius=4 * resolution // 64)
     det = LandmarkDetector(net, flip=flip, shift=shift)(x)
     err = (det.points - torch.from_numpy(batch.landmarks)).norm(dim=-1)
     vis = torch.from_numpy(batch.visible)
@@ -120,7 +123,21 @@ def main(argv=None) -> int:
     p.add_argument("--remeasure", default=None, metavar="PATH",
                    help="do not train: re-measure the held-out numbers of this detector file with the current "
                         "test-time augmentation and rewrite its metadata (weights unchanged)")
+    p.add_argument("--measure", default=None, metavar="PATH",
+                   help="do not train: print this detector's held-out numbers on renders of --resolution px "
+                        "(e.g. the 64 px detector on 128 px renders, which it sees down-sampled); writes nothing")
+    p.add_argument("--resolution", type=int, default=64, help="render size for --measure")
     args = p.parse_args(argv)
+    if args.measure:
+        torch.set_num_threads(args.threads)
+        net = LandmarkDetector.load(args.measure).net
+        clean = held_out_error(net, args.eval_n, resolution=args.resolution)
+        blurred = held_out_error(net, args.eval_n, blur=args.resolution / 64, resolution=args.resolution)
+        print(json.dumps({"resolution": args.resolution, "n": args.eval_n, "held_out_seed": HELD_OUT_SEED,
+                          "blur_sigma_px": args.resolution / 64,
+                          **{k: round(v, 4) for k, v in clean.items() if isinstance(v, float)},
+                          "blurred_mean_px": round(blurred["mean_px"], 4)}))
+        return 0
     if args.remeasure:
         return remeasure(Path(args.remeasure), args.eval_n, args.threads)
 

@@ -28,6 +28,11 @@ use REFERENCE_SEED, so the two KID sets are independent.
                   defaults, measured with the session's tracked handle and with the re-detected
                   landmark (its displacement between the detections before and after the edit,
                   added to the handle, so the detector's per-face offset cancels).
+
+Pixel quantities are defined at 64 px and scaled with the generator's resolution (at 128 px: blur
+sigmas, target distances and the 2 px success radius double; distances are reported in the image's
+own pixels). The parts check always runs at the detector's 64 px (images area down-sampled, as the
+detector sees them), where its thresholds were calibrated; PSNR is at the generator's resolution.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from draggan_core.evaluation import drag_edit, kid
 from draggan_core.landmark_net import LandmarkDetector
@@ -50,7 +56,8 @@ HELD_OUT_SEED = 1_000_003      # same held-out seed as training/train_embedded.p
 REFERENCE_SEED = 1_000_005
 DRAG_SEED_BASE = 50_000        # latent seeds for the drag-success edits (eval splits use < 20000)
 SPREAD_MAX = 4.0               # px: a confident landmark has a peaked heatmap (renders: 2.4-3.1)
-SUCCESS_PX = 2.0
+SUCCESS_PX = 2.0               # at 64 px; scaled with the resolution
+BASE_RES = 64                  # the resolution the pixel constants here are defined at
 
 # contrast thresholds (0..1 intensity units), calibrated on renders vs blurred renders
 PUPIL_CONTRAST = 0.40          # sclera brightness - pupil brightness (renders: 5th percentile 0.65)
@@ -86,7 +93,11 @@ def _patch(img: np.ndarray, x: float, y: float, r: int) -> np.ndarray:
 
 
 def part_scores(images: torch.Tensor, detector: LandmarkDetector) -> dict[str, np.ndarray]:
-    """Continuous per-image evidence for each part (see the module docstring). images [-1, 1] NCHW."""
+    """Continuous per-image evidence for each part (see the module docstring). images [-1, 1] NCHW,
+    checked at the detector's resolution (larger images area down-sampled, as the detector sees them)."""
+    size = detector.net.cfg.resolution
+    if images.shape[-1] > size:
+        images = F.interpolate(images, size=(size, size), mode="area")
     det = detector(images)
     names = detector.names
     ix = {n: names.index(n) for n in names}
@@ -153,9 +164,10 @@ def visibility_summary(checks: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def generate(G, z: np.ndarray, batch: int = 50) -> torch.Tensor:
+def generate(G, z: np.ndarray, batch: int = 50, clamp: bool = True) -> torch.Tensor:
     zt = torch.from_numpy(np.asarray(z, np.float32))
-    return torch.cat([G(c) for c in zt.split(batch)]).clamp(-1, 1)
+    images = torch.cat([G(c) for c in zt.split(batch)])
+    return images.clamp(-1, 1) if clamp else images
 
 
 def psnr(fake: torch.Tensor, real: torch.Tensor) -> float:
@@ -173,6 +185,7 @@ def drag_success(G, detector: LandmarkDetector, n: int, model_defaults: dict | N
     from draggan_core.latents import seed_to_w
     from draggan_core.networks import to_uint8_image
     res = G.img_resolution
+    success_px, min_px = SUCCESS_PX * res / BASE_RES, 3.0 * res / BASE_RES
     rng = np.random.default_rng([seed, DRAG_SEED_BASE])
     tracked, detected, seconds, steps_used, records = [], [], [], [], []
     for i in range(n):
@@ -188,7 +201,7 @@ def drag_success(G, detector: LandmarkDetector, n: int, model_defaults: dict | N
             dist = rng.uniform(0.05, 0.20) * res
             ang = rng.uniform(0, 2 * math.pi)
             target = np.rint(handle + dist * np.array([math.cos(ang), math.sin(ang)]))
-            if (target >= 0).all() and (target <= res - 1).all() and np.linalg.norm(target - handle) >= 3:
+            if (target >= 0).all() and (target <= res - 1).all() and np.linalg.norm(target - handle) >= min_px:
                 break
         out = drag_edit(G, w, [handle], [target], steps, model_defaults)
         d_tr = float(np.linalg.norm(out["handles"][0] - target))
@@ -206,8 +219,8 @@ def drag_success(G, detector: LandmarkDetector, n: int, model_defaults: dict | N
         if progress:
             progress(i, records[-1])
     tracked, detected = np.array(tracked), np.array(detected)
-    return {"edits": n, "success_tracked": float((tracked <= SUCCESS_PX).mean()),
-            "success_redetected": float((detected <= SUCCESS_PX).mean()),
+    return {"edits": n, "success_px": success_px, "success_tracked": float((tracked <= success_px).mean()),
+            "success_redetected": float((detected <= success_px).mean()),
             "final_px_tracked_mean": float(tracked.mean()), "final_px_redetected_mean": float(detected.mean()),
             "steps_mean": float(np.mean(steps_used)), "seconds_per_edit": float(np.mean(seconds)),
             "records": records}
@@ -217,14 +230,17 @@ def drag_success(G, detector: LandmarkDetector, n: int, model_defaults: dict | N
 def compute_metrics(G, detector: LandmarkDetector, n: int = 500, baseline_G=None, drag_edits: int = 50,
                     model_defaults: dict | None = None, log=print) -> dict:
     from draggan_core.networks import Generator
+    from draggan_core.ops import make_fir_filter, upsample2d
     t0 = time.time()
+    res = G.img_resolution
+    px = res / BASE_RES  # image pixels per 64-px pixel
     z = faces.sample_z(n, HELD_OUT_SEED)
-    rendered = faces.render(z)
+    rendered = faces.render(z, resolution=res)
     target = torch.from_numpy(rendered.images)
-    reference = torch.from_numpy(faces.render(faces.sample_z(n, REFERENCE_SEED)).images)
+    reference = torch.from_numpy(faces.render(faces.sample_z(n, REFERENCE_SEED), resolution=res).images)
     fake = generate(G, z)
     ref_feat = features(detector, reference)
-    m: dict = {"n": n, "held_out_seed": HELD_OUT_SEED, "reference_seed": REFERENCE_SEED}
+    m: dict = {"n": n, "resolution": res, "held_out_seed": HELD_OUT_SEED, "reference_seed": REFERENCE_SEED}
     m["psnr_db"] = psnr(fake, target)
     fake_checks, render_checks = part_checks(fake, detector), part_checks(target, detector)
     m["parts"] = visibility_summary(fake_checks)
@@ -241,7 +257,7 @@ def compute_metrics(G, detector: LandmarkDetector, n: int = 500, baseline_G=None
     log(f"PSNR {m['psnr_db']:.2f} dB; parts {m['parts']} (where the render passes: {m['parts_where_render_passes']}); landmarks on G(z) vs render(z) "
         f"{m['landmark_px_vs_render']:.2f} px (detector on renders {m['landmark_px_detector_on_renders']:.2f} px)")
     # references for the visibility check: it must pass on renders and fail on blank/blurry faces
-    blurred = gaussian_blur(target, torch.full((n,), 2.5))
+    blurred = gaussian_blur(target, torch.full((n,), 2.5 * px), radius=round(4 * px))
     torch.manual_seed(0)
     untrained = Generator(G.cfg).eval()
     m["parts_reference"] = {"renders": visibility_summary(render_checks),
@@ -249,11 +265,14 @@ def compute_metrics(G, detector: LandmarkDetector, n: int = 500, baseline_G=None
                             "untrained_generator": visibility_summary(part_checks(generate(untrained, z), detector))}
     log(f"parts reference {m['parts_reference']}")
     m["kid_lm"], m["kid_lm_std"] = (1000 * v for v in kid(features(detector, fake), ref_feat))
-    blur15 = gaussian_blur(target, torch.full((n,), 1.5))
+    blur15 = gaussian_blur(target, torch.full((n,), 1.5 * px), radius=round(4 * px))
     m["kid_lm_blur15"], _ = (1000 * v for v in kid(features(detector, blur15), ref_feat))
     m["kid_lm_renders"], _ = (1000 * v for v in kid(features(detector, target), ref_feat))  # floor
     if baseline_G is not None:
-        base = generate(baseline_G, z)
+        base = generate(baseline_G, z, clamp=False)
+        while base.shape[-1] < res:  # a smaller model (the one a grown model started from): its image
+            base = upsample2d(base, make_fir_filter(baseline_G.cfg.resample_filter))  # up-sampled as the skip path does
+        base = base.clamp(-1, 1)
         m["baseline_psnr_db"] = psnr(base, target)
         m["kid_lm_baseline"], _ = (1000 * v for v in kid(features(detector, base), ref_feat))
         m["baseline_parts"] = visibility_summary(part_checks(base, detector))
@@ -265,7 +284,7 @@ def compute_metrics(G, detector: LandmarkDetector, n: int = 500, baseline_G=None
         m["drag"] = drag_success(G, detector, drag_edits, model_defaults, progress=lambda i, r: bar.update(1))
         bar.close()
         d = m["drag"]
-        log(f"drag success (<= {SUCCESS_PX:g} px in <= 300 steps, {d['edits']} edits): tracked "
+        log(f"drag success (<= {d['success_px']:g} px in <= 300 steps, {d['edits']} edits): tracked "
             f"{100 * d['success_tracked']:.0f}%, re-detected {100 * d['success_redetected']:.0f}%; "
             f"{d['seconds_per_edit']:.1f} s/edit")
     m["seconds"] = time.time() - t0

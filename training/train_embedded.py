@@ -90,6 +90,9 @@ def grow_generator(small: Generator, channels: int = GROW_CHANNELS) -> Generator
 
 DRAG_DEFAULTS_FILE = Path(__file__).with_name("embedded_drag_defaults.json")  # the L1 model's
 PARTS_DRAG_DEFAULTS_FILE = Path(__file__).with_name("embedded_parts_drag_defaults.json")  # the default model's
+# the 128 px grown model's: the 64 px default's settings with pixel radii doubled (provisional until
+# chosen on validation pairs with a trained snapshot)
+GROW128_DRAG_DEFAULTS_FILE = Path(__file__).with_name("grow128_drag_defaults.json")
 
 
 @torch.no_grad()

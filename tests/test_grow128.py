@@ -128,3 +128,25 @@ def test_model_metrics_at_128px_use_the_protocol_scaled(small):
     assert m["resolution"] == 128 and m["drag"]["success_px"] == 4.0
     assert m["psnr_db"] == pytest.approx(m["baseline_psnr_db"], abs=1e-4) and 20 < m["psnr_db"] < 40
     assert m["landmark_px_detector_on_renders"] < 1.0  # 128 px renders, seen down-sampled by the 64 px detector
+
+
+def test_compact_state_resumes_and_a_128px_state_never_replaces_the_default(tmp_path, monkeypatch):
+    from training import finalize_model
+    sched = tmp_path / "s.json"
+    sched.write_text(json.dumps({"stages": [{"until_step": 1, "lr": 2e-3, "train_only": NEW_BLOCK},
+                                            {"until_step": 99, "lr": 5e-4}]}))
+    state = _grow_run(tmp_path / "a", 2, sched)
+    compact = tmp_path / "compact.pt"
+    finalize_model.main(["--state", str(tmp_path / "a" / "last.pt"), "--compact-state", str(compact)])
+    small_state = torch.load(compact, weights_only=True)
+    assert small_state["step"] == 2 and small_state["G"]["synthesis.b128.conv1.weight"].dtype == torch.float16
+    assert compact.stat().st_size < 0.6 * (tmp_path / "a" / "last.pt").stat().st_size
+    resumed = _grow_run(tmp_path / "b", 3, sched, ["--resume-state", str(compact)])
+    assert resumed["step"] == 3 and resumed["base"] == state["base"]
+
+    # without --out, a 128 px state goes to its own file with the 128 px drag defaults
+    monkeypatch.setattr(finalize_model, "MODEL_128_PATH", tmp_path / "m128.safetensors")
+    finalize_model.main(["--state", str(tmp_path / "b" / "last.pt")])
+    meta = read_native_metadata(tmp_path / "m128.safetensors")
+    assert json.loads(meta["drag_defaults"]) == json.loads(train_embedded.GROW128_DRAG_DEFAULTS_FILE.read_text())
+    assert load_generator(tmp_path / "m128.safetensors").img_resolution == 128

@@ -164,6 +164,8 @@ def drive(url: str, res: int, steps: int) -> dict:
         m = STEP_RE.search(str(status))
         step = int(m.group(1)) if m else None
         new_image = False
+        if not isinstance(image_path, str):  # a status-only update (the image output skipped)
+            image_path = None
         if image_path and image_path != last_path:
             img = np.asarray(Image.open(image_path).convert("RGB"))
             new_image = image_changed(shown, img, ignore)

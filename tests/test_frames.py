@@ -90,7 +90,7 @@ def test_a_slow_renderer_skips_stale_latents_instead_of_queueing_them():
             time.sleep(0.02)
         frame = stream.newest(after_step=0)
     assert frame.step == 20 and int(frame.image[0, 0, 0]) == 128 + 20  # the newest latent's own image
-    assert renderer.frames_rendered == 2  # the first one, then straight to the newest
+    assert renderer.frames_rendered <= 2  # (the first one, if it started before the rest came,) then the newest
 
 
 def test_two_concurrent_sessions_keep_their_own_frames(model):

@@ -490,6 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     errors = _user_errors()
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # `draggan models | head`: the reader has gone, nothing to report
+        try:  # so that the flush at exit does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (captured)
+            pass
+        return 1
     except errors as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR

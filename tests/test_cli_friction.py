@@ -106,6 +106,19 @@ def test_bare_model_name_is_found_in_the_models_folder(tmp_path, monkeypatch):
         cli.resolve_model_path(f"elsewhere/{DEFAULT_MODEL_NAME}")
 
 
+def test_closed_pipe_ends_quietly(capsys):
+    def add_parser(subparsers):  # what `draggan models | head -1` does to a command
+        p = subparsers.add_parser("pipe-test", help="x")
+        p.set_defaults(func=lambda args: (_ for _ in ()).throw(BrokenPipeError(32, "Broken pipe")))
+
+    cli.register_command("pipe-test")(add_parser)
+    try:
+        assert cli.main(["pipe-test"]) == 1
+        assert capsys.readouterr().err == ""
+    finally:
+        cli.COMMANDS.pop("pipe-test")
+
+
 # ------------------------------------------------------------------ a. outputs checked first
 def _output_cases(tmp_path):
     missing = tmp_path / "no" / "such" / "dir"

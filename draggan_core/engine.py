@@ -8,7 +8,7 @@ steps, restore, continue) ends exactly where the uninterrupted run ends. Because
 with each run, any engine process can serve any run, and one that disappears loses nothing the caller
 has already received.
 
-`Engine.run(state, steps)` streams events: `StepEvent` (one per step, the `StepResult`), `FrameEvent`
+`Engine.run(state, steps)` streams events: `StartEvent` (who serves the run), `StepEvent` (one per step, the `StepResult`), `FrameEvent`
 (preview images of the newest latent), `StateEvent` (the full state once the run has taken its
 references, then a small `RunProgress` -- what a step changes -- every `state_every` steps) and a
 final `EndEvent`. `RunHandle.cancel()` stops it between steps.
@@ -157,6 +157,15 @@ class RunState:
             step_count=meta["step_count"])
 
 
+def latent_of(state: RunState) -> np.ndarray:
+    """The W+ latent [1, num_ws, w_dim] a state stands for (what `DragSession.latent` would return)."""
+    if state.param is None:
+        return np.asarray(state.w_full, np.float32)
+    n, mode = state.param_layout
+    head = np.repeat(state.param, n, axis=1) if mode == "w" else state.param
+    return np.concatenate([head, state.w_full[:, n:]], axis=1).astype(np.float32)
+
+
 def _np(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().cpu().numpy().copy()
 
@@ -204,7 +213,7 @@ def export_run_state(session: DragSession, model: str) -> RunState:
 def apply_run_state(session: DragSession, state: RunState) -> DragSession:
     """Make `session` (same generator) continue from `state`; returns it."""
     device = session.device
-    t = lambda a: None if a is None else torch.as_tensor(np.asarray(a)).to(device)  # noqa: E731
+    t = lambda a: None if a is None else torch.tensor(np.asarray(a)).to(device)  # noqa: E731  (a copy: arrays may be read-only)
     session.model_defaults = dict(state.model_defaults)
     session.config = DragConfig(**state.config)
     session.w_initial = t(state.w_initial).float()
@@ -279,6 +288,12 @@ def resolve_model_id(model: str) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 @dataclass
+class StartEvent:
+    step: int                          # the session's step count when the run started
+    engine: dict = field(default_factory=dict)  # who serves the run (e.g. {"engine": "ray", "replica": ...})
+
+
+@dataclass
 class StepEvent:
     result: StepResult                 # image set only on the last step (the exact final render)
 
@@ -342,7 +357,7 @@ class Engine(ABC):
 
     @abstractmethod
     def run(self, state: RunState, steps: int, display_every: int = 1, state_every: int = 1) -> RunHandle:
-        """Run up to `steps` steps from `state`. Events: StepEvent per step, FrameEvent when a preview
+        """Run up to `steps` steps from `state`. Events: StartEvent first, StepEvent per step, FrameEvent when a preview
         is ready (about every `display_every` steps), StateEvent (full, then RunProgress every
         `state_every` steps; 0: only at the end), EndEvent last."""
 
@@ -424,6 +439,7 @@ class LocalEngine(Engine):
         budget = self.threads.run() if self.threads is not None else _NoBudget()
         stream = self.renderer.open_stream() if self.renderer is not None else None
         reason = "cancelled"
+        yield StartEvent(session.step_count, {"engine": self.name})
         try:
             with budget as threads:
                 for result in gen:
@@ -433,21 +449,21 @@ class LocalEngine(Engine):
                         full_sent = True
                     elif export and (result.done or (state_every and result.step % state_every == 0)):
                         yield StateEvent(progress=run_progress(session))
-                    yield StepEvent(result)
-                    if result.done:
-                        reason = ("diverged" if result.message else "done" if result.reached else "max_steps")
-                        break
-                    if cancel.is_set():
-                        break
-                    threads.refresh()
-                    if stream is not None:
+                    if stream is not None and not result.done and not cancel.is_set():
+                        threads.refresh()
                         if result.step - submitted_step >= display_every:
                             stream.submit(session.G, session.latent, result.step, session.config.noise_mode)
                             submitted_step = result.step
                         frame = stream.newest(after_step=shown_step)
-                        if frame is not None:
+                        if frame is not None:  # before its step's result: the caller sees it as it decides
                             shown_step = frame.step
                             yield FrameEvent(frame.step, frame.image, frame.render_seconds)
+                    elif not result.done:
+                        threads.refresh()
+                    yield StepEvent(result)
+                    if result.done:
+                        reason = ("diverged" if result.message else "done" if result.reached else "max_steps")
+                        break
                     if cancel.is_set():
                         break
         finally:
@@ -471,6 +487,6 @@ class _NoBudget:
         return False
 
 
-__all__ = ["AdamState", "EndEvent", "Engine", "EngineError", "FrameEvent", "LocalEngine", "PairState", "RunHandle",
+__all__ = ["AdamState", "StartEvent", "EndEvent", "Engine", "EngineError", "FrameEvent", "LocalEngine", "PairState", "RunHandle",
            "RunProgress", "RunState", "StateEvent", "StepEvent", "apply_run_state", "export_run_state",
-           "resolve_model_id", "run_progress", "session_from_state"]
+           "latent_of", "resolve_model_id", "run_progress", "session_from_state"]

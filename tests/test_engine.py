@@ -11,7 +11,7 @@ import torch
 
 from draggan_core.drag import DragConfig, DragSession
 from draggan_core.engine import (EndEvent, Engine, EngineError, FrameEvent, LocalEngine, RunHandle, RunState,
-                                 StateEvent, StepEvent, export_run_state, session_from_state)
+                                 StartEvent, StateEvent, StepEvent, export_run_state, latent_of, session_from_state)
 from draggan_core.frames import FrameRenderer
 from draggan_core.latents import seed_to_w
 from draggan_core.models import ModelStore, default_model_path
@@ -90,6 +90,11 @@ def test_state_carries_adam_moments_and_references(model):
         pass
     state = export_run_state(s, "m.safetensors")
     assert state.adam.step == 3 and state.adam.exp_avg.shape == state.param.shape
+    assert np.array_equal(latent_of(state), s.latent.numpy())
+    w = _session(model, w_mode="w")
+    for _, _r in zip(range(2), w.run(max_steps=STEPS)):
+        pass
+    assert np.array_equal(latent_of(export_run_state(w, "m")), w.latent.numpy())
     assert all(p.reference is not None for p in state.pairs) and state.mask_reference is not None
     assert state.resolved["lr"] is not None and state.config["lr"] is None  # as set, and as resolved
     # dropping Adam's moments changes the continuation: they are part of what must travel
@@ -120,6 +125,8 @@ def test_local_engine_streams_states_steps_frames_and_the_end(model):
     state = export_run_state(_session(model), str(default_model_path()))
     events = list(engine.run(state, 30, display_every=1, state_every=1))
     kinds = [type(e).__name__ for e in events]
+    assert isinstance(events[0], StartEvent) and events[0].engine == {"engine": "local"}
+    events = events[1:]
     assert isinstance(events[0], StateEvent) and events[0].state is not None  # full state first
     assert isinstance(events[-1], EndEvent) and events[-1].reason in ("done", "max_steps")
     steps = [e.result for e in events if isinstance(e, StepEvent)]

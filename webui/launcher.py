@@ -26,7 +26,39 @@ def parse_args(argv=None):
                    help="address to listen on (0.0.0.0 to serve the network)")
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", os.environ.get("GRADIO_SERVER_PORT", 7860))))
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
-    return p.parse_args(argv)
+    serving = p.add_argument_group("serving on Ray (pip install -r requirements-serve.txt; docs/serving.md)")
+    serving.add_argument("--engine", choices=("local", "ray"), default="local",
+                         help="where drags run: in this process (default) or on a Ray Serve deployment")
+    serving.add_argument("--ray-address", default=None, metavar="ADDR",
+                         help="a Ray cluster (e.g. ray://head:10001 or auto); default: start a local one on 127.0.0.1")
+    serving.add_argument("--replicas", type=int, default=2, help="engine replicas to deploy (default 2)")
+    serving.add_argument("--gpus-per-replica", type=float, default=0.0, metavar="G",
+                         help="GPUs per replica (default 0: CPU replicas)")
+    args = p.parse_args(argv)
+    if args.engine == "local" and (args.ray_address or args.gpus_per_replica):
+        p.error("--ray-address and --gpus-per-replica need --engine ray")
+    if args.replicas < 1 or args.gpus_per_replica < 0:
+        p.error("--replicas must be at least 1 and --gpus-per-replica at least 0")
+    return args
+
+
+def start_ray_engine(args):
+    """The Ray Serve engine (ray is imported only here); stopped when the app exits, SIGTERM included."""
+    import signal
+    try:
+        from draggan_core.serve_engine import start_engine
+    except ImportError as e:
+        raise UIError(f"--engine ray needs Ray Serve: pip install -r requirements-serve.txt ({e})") from None
+    try:
+        engine = start_engine(address=args.ray_address, replicas=args.replicas,
+                              gpus_per_replica=args.gpus_per_replica,
+                              log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except Exception as e:
+        raise UIError(f"cannot start the Ray Serve engine: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM -> KeyboardInterrupt: gradio and Ray shut down
+    from .state import set_engine
+    set_engine(engine)
+    return engine
 
 
 def set_torch_threads():
@@ -74,12 +106,16 @@ def prepare(args):
     model = load_model(path)
     st = EditorState.create(path)  # the first image, as the first visitor will see it
     seconds = time.perf_counter() - t0
+    # after the cheap checks: starting Ray takes a while
+    engine = start_ray_engine(args) if getattr(args, "engine", "local") == "ray" else None
     t1 = time.perf_counter()
     st.warm_up()
     from .app import build_demo  # gradio is imported only now
     demo = build_demo(path)
     info = (f"model {model.name} ({model.G.img_resolution} px) on {describe(device)}, "
             f"loaded and rendered in {seconds:.1f} s, first drag steps warmed up in {time.perf_counter() - t1:.1f} s")
+    if engine is not None:
+        info += f"; drags run on {engine.describe()}"
     return demo, info
 
 
@@ -91,5 +127,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .app import launch
-    launch(demo, args.host, args.port, args.share, info)
+    from . import state
+    try:
+        launch(demo, args.host, args.port, args.share, info)
+    finally:
+        state.ENGINE.close()  # a Ray engine stops the Ray it started
     return 0

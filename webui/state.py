@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from draggan_core.checkpoints import CheckpointError
 from draggan_core.devices import ThreadBudget
 from draggan_core.drag import DragConfig, DragError, DragSession
+from draggan_core.engine import EndEvent, FrameEvent, LocalEngine, StartEvent, StepEvent
 from draggan_core.frames import FrameRenderer
 from draggan_core.latents import MAX_SEED, LatentError, load_latent, save_latent, seed_to_w
 from draggan_core.models import ModelStore, default_model_path, list_local_models
@@ -33,6 +34,7 @@ from draggan_core.recipe import Recipe
 STORE = ModelStore()          # the app sets its device before loading anything (`configure_device`)
 THREADS = ThreadBudget()      # CPU threads shared by the running drags and the frame renderer
 RENDERER = FrameRenderer(threads=THREADS.share)  # previews in the background, newest latent only
+ENGINE = LocalEngine(RENDERER, THREADS, STORE)  # runs the drags; `python app.py --engine ray` replaces it
 DISPLAY_TARGET = 512          # the main image is upscaled by an integer factor to about this size
 EDITOR_SIZE = 256             # mask canvas size (editor pixels)
 MAX_FRAMES = 300              # trajectory frames kept for the GIF
@@ -84,6 +86,12 @@ def resolve_model_path(requested: str | os.PathLike | None = None) -> Path:
                   "(pass --model PATH)")
 
 
+def set_engine(engine) -> None:
+    """Run every drag of this process on `engine` (a draggan_core.engine.Engine)."""
+    global ENGINE
+    ENGINE = engine
+
+
 def configure_device(name: str | None = None):
     """Put every model of this process on `name` (auto/cpu/cuda/mps; DeviceError if unavailable)."""
     from draggan_core.devices import resolve_device
@@ -125,6 +133,7 @@ class EditorState:
     stop_requested: bool = False
     last_status: str = ""
     last_distances: list = field(default_factory=list)
+    last_engine: dict = field(default_factory=dict)  # who served the last run (engine, replica)
     tmpdir: str | None = None
 
     # ------------------------------------------------------------------ construction
@@ -439,7 +448,7 @@ class EditorState:
             "pairs": [{"handle": list(p.handle), "target": list(p.target), "origin": list(p.origin)}
                       for p in self.session.pairs],
             "pending": list(self.pending) if self.pending else None,
-            "step": self.session.step_count, "running": self.running,
+            "step": self.session.step_count, "running": self.running, "engine": self.last_engine,
             "mask_pixels": int(m.sum()) if m is not None else 0,
             "mask_bbox": _bbox(m), "image_mean": float(self.image.mean()), "frames": len(self.frames),
         }
@@ -518,36 +527,54 @@ class EditorState:
         first_step = s.step_count
         self.running, self.stop_requested = True, False
         self.pending = None
-        result = None
-        gen = s.run(max_steps=steps)
-        shown_step, submitted_step = first_step, first_step
+        result = end = newest = None
+        shown_step = first_step
         last_yield = time.perf_counter()
+        # the engine keeps `s` at the newest state it has streamed (a remote engine that goes away
+        # mid-run leaves it at the last step seen here)
+        run = ENGINE.run_session(s, self.model_path, steps, display_every)
         try:
-            with THREADS.run() as threads, RENDERER.open_stream() as stream:
-                for result in gen:
-                    self.last_distances = result.distances
-                    if self.stop_requested or result.done:
-                        break
-                    threads.refresh()
-                    if result.step - submitted_step >= display_every:
-                        stream.submit(s.G, s.latent, result.step, s.config.noise_mode)
-                        submitted_step = result.step
-                    now = time.perf_counter()
-                    frame = stream.newest(after_step=shown_step)
-                    first = result.step == first_step + 1
-                    if frame is not None and now - last_yield >= FRAME_INTERVAL:
-                        self.record_frame(frame.image)
-                        shown_step = frame.step
-                        image = self.frame_output()
-                    elif first or now - last_yield >= STATUS_INTERVAL:
-                        image = self.frame_output() if first else None  # first answer: moved markers
-                    else:
-                        continue
-                    yield RunUpdate(image, self.points_text(), self.status_text(result, steps, first_step, "running"))
-                    last_yield = time.perf_counter()
+            for event in run:
+                if isinstance(event, FrameEvent):
+                    if event.step > shown_step:
+                        newest = event
+                    continue
+                if isinstance(event, EndEvent):
+                    end = event
+                    break
+                if isinstance(event, StartEvent):
+                    self.last_engine = dict(event.engine)
+                    continue
+                if not isinstance(event, StepEvent):
+                    continue
+                result = event.result
+                self.last_distances = result.distances
+                if self.stop_requested:
+                    break
+                if result.done:
+                    continue  # the end event follows
+                now = time.perf_counter()
+                first = result.step == first_step + 1
+                if newest is not None and now - last_yield >= FRAME_INTERVAL:
+                    self.record_frame(newest.image)
+                    shown_step, newest = newest.step, None
+                    image = self.frame_output()
+                elif first or now - last_yield >= STATUS_INTERVAL:
+                    image = self.frame_output() if first else None  # first answer: moved markers
+                else:
+                    continue
+                yield RunUpdate(image, self.points_text(), self.status_text(result, steps, first_step, "running"))
+                last_yield = time.perf_counter()
         finally:
-            gen.close()
+            run.close()
             self.running = False
+        if end is not None and end.engine:
+            self.last_engine = dict(end.engine)
+        if end is not None and end.reason in ("lost", "error") and not self.stop_requested:
+            self.record_frame(s.render())  # the last state streamed back, exactly
+            self.last_status = end.message
+            yield RunUpdate(self.frame_output(), self.points_text(), end.message, final=True, warning=True)
+            return
         if result is None:
             yield RunUpdate(None, self.points_text(), "nothing to do", final=True)
             return
@@ -701,7 +728,7 @@ def model_choices() -> list[tuple[str, str]]:
     return [(p.name + (" (default)" if p.name == default else ""), str(p.resolve())) for p in list_local_models()]
 
 
-__all__ = ["EditorState", "RunUpdate", "UIError", "STORE", "RENDERER", "THREADS", "configure_device", "editor_alpha", "model_choices", "resolve_model_path",
+__all__ = ["EditorState", "RunUpdate", "UIError", "STORE", "RENDERER", "THREADS", "ENGINE", "set_engine", "configure_device", "editor_alpha", "model_choices", "resolve_model_path",
            "env_max_steps", "upscale_factor"]
 
 

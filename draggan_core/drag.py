@@ -45,6 +45,7 @@ class DragConfig:
     r2: int | None = None              # point-tracking half window, image pixels
     lambda_mask: float | None = None   # weight of the keep-outside-the-mask term on the feature block
     lambda_image: float | None = None  # weight of the same term on the image (mean |G(w) - G(w0)|, RGB in [-1, 1])
+    mask_hold_steps: int | None = None  # with a mask: steps spent on the keep terms after every handle arrived
     feature_res: int | None = None     # feature block by resolution; default 6th block or the last
     track_res: int | None = None       # block whose features track the handles (default: feature_res)
     num_optimized_ws: int | None = None  # style vectors optimised (paper: the first 6)
@@ -111,6 +112,8 @@ class DragConfig:
             c.lambda_mask = 20.0 if official else float(md.get("lambda_mask", 20.0))
         if c.lambda_image is None:  # not in the paper; needs the whole image every step
             c.lambda_image = 0.0 if official else float(md.get("lambda_image", 0.0))
+        if c.mask_hold_steps is None:  # not in the paper
+            c.mask_hold_steps = 0 if official else int(md.get("mask_hold_steps", 0))
         if c.stop_distance is None:
             paper_rule = 1.0 if num_points <= 5 else 2.0
             c.stop_distance = max(2 * res / 512, 2.0) if official else md.get("stop_distance", paper_rule)
@@ -119,7 +122,7 @@ class DragConfig:
         if c.w_mode not in ("w", "w+"):
             raise ValueError("w_mode must be 'w' or 'w+'")
         if (not (0 < c.lr < 1) or c.r1 <= 0 or c.r2 < 1 or c.max_steps < 0 or c.lambda_mask < 0
-                or c.lambda_image < 0):
+                or c.lambda_image < 0 or c.mask_hold_steps < 0):
             raise ValueError("invalid drag settings: need 0 < lr < 1, r1 > 0, r2 >= 1, max_steps >= 0, lambda >= 0")
         c.num_optimized_ws = int(min(max(c.num_optimized_ws, 1), G.num_ws))
         return c
@@ -406,7 +409,8 @@ def disc_offsets(r1: float) -> torch.Tensor:
 
 
 def _optimise_and_report(s: DragSession, cfg: DragConfig, distances, done: bool, loss_motion: torch.Tensor,
-                         loss_mask: torch.Tensor, optimise: bool, loss_image: torch.Tensor | None = None) -> StepResult:
+                         loss_mask: torch.Tensor, optimise: bool, loss_image: torch.Tensor | None = None,
+                         arrived: bool | None = None) -> StepResult:
     """The part of a step both engines share: the Adam step on the latent, then the step's result."""
     loss = loss_motion + cfg.lambda_mask * loss_mask
     if loss_image is not None:
@@ -418,7 +422,8 @@ def _optimise_and_report(s: DragSession, cfg: DragConfig, distances, done: bool,
         s.step_count += 1
     return StepResult(step=s.step_count, handles=[p.handle for p in s.pairs], targets=[p.target for p in s.pairs],
                       distances=distances, loss=loss.detach().item(), loss_motion=loss_motion.detach().item(),
-                      loss_mask=loss_mask.detach().item(), done=done or not optimise, reached=done, seconds=0.0,
+                      loss_mask=loss_mask.detach().item(), done=done or not optimise,
+                      reached=done if arrived is None else arrived, seconds=0.0,
                       loss_image=0.0 if loss_image is None else loss_image.detach().item())
 
 
@@ -519,6 +524,7 @@ class _Engine:
         self.fine = torch.stack([fx.reshape(-1), fy.reshape(-1)], dim=1)  # quarter-pixel offsets, [25, 2]
         # tracking square (and its patches), then the disc (plus one step) around any pixel of it
         self.margin = int(cfg.r2) + max(math.ceil(cfg.r1) + 1, k)
+        self.held = 0  # steps taken after every handle arrived (mask_hold_steps)
 
     def features(self, ws, centres, full: bool):
         """(feature windows per centre, full feature map or None, image or None).
@@ -582,7 +588,12 @@ class _Engine:
 
         distances = [math.dist(p.handle, p.target) for p in pairs]
         active = [d > cfg.stop_distance for d in distances]
-        done = not any(active)
+        arrived = done = not any(active)
+        if done and masked and self.held < cfg.mask_hold_steps:
+            # every handle is there: the keep terms alone pull the rest of the image back (a handle
+            # that drifts off its target is pulled again by motion supervision)
+            self.held += 1
+            done = False
         loss_motion = torch.zeros((), device=device)
         for p, fw, act, dist in zip(pairs, wins, active, distances):
             if not act:
@@ -600,7 +611,7 @@ class _Engine:
             loss_mask = ((full_feat - s._mask_reference).abs() * keep).mean()
             if image is not None:
                 loss_image = ((image - s._mask_reference_image).abs() * (1 - s.mask)).mean()
-        return _optimise_and_report(s, cfg, distances, done, loss_motion, loss_mask, optimise, loss_image)
+        return _optimise_and_report(s, cfg, distances, done, loss_motion, loss_mask, optimise, loss_image, arrived)
 
 
 class _OfficialEngine:

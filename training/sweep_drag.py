@@ -9,7 +9,8 @@ where the landmark detector finds the dragged landmark afterwards (not by the en
 handle, which can claim success on a blurry model while the content stays put).
 `--protocol landmarks`: the paper's landmark-transfer protocol (draggan_core.evaluation) on the
 *validation* split of pairs, disjoint from the test split the README reports; scored by MD after.
-`--set key=value` fixes a setting for every row (e.g. --set subpixel=true).
+`--set key=value` fixes a setting for every row (e.g. --set subpixel=true); `--mask-set key=value`
+one of the settings used only while a mask is set (the `mask` dict of the drag defaults, docs/masks.md).
 """
 from __future__ import annotations
 
@@ -64,11 +65,17 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="vary one setting at a time around the current defaults")
     p.add_argument("--protocol", choices=("random", "landmarks"), default="random")
     p.add_argument("--points", choices=("1", "5", "all"), default="1", help="landmarks protocol: points per edit")
+    p.add_argument("--seed", type=int, default=0, help="landmarks protocol: which validation pairs (0 = the first)")
     p.add_argument("--only", default=None, help="comma-separated settings to vary (default: all of GRID)")
     p.add_argument("--mask", action="store_true", help="landmarks protocol: edit with a mask around the handles")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fixed setting for all rows")
+    p.add_argument("--mask-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting used only when a mask is set (the 'mask' dict of the drag defaults)")
     args = p.parse_args(argv)
     fixed = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    if args.mask_set:
+        mask_fixed = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.mask_set)}
+        fixed["mask"] = {**base_drag_defaults(args.model).get("mask", {}), **fixed.get("mask", {}), **mask_fixed}
     torch.set_num_threads(args.threads)
     G = load_generator(args.model)
     detector = load_detector()
@@ -85,6 +92,8 @@ def main(argv=None):
     for cfg in configs:
         t0 = time.time()
         defaults = {**base_defaults, **cfg}
+        if "lambda_mask" in cfg and "mask" in defaults:  # the model's mask settings would override it
+            defaults["mask"] = {**defaults["mask"], "lambda_mask": cfg["lambda_mask"]}
         if args.protocol == "random":
             r = drag_success(G, detector, args.edits, model_defaults=defaults, steps=args.steps,
                              seed=VALIDATION_SEED)
@@ -93,10 +102,11 @@ def main(argv=None):
                    "steps": r["steps_mean"], "seconds_per_edit": r["seconds_per_edit"]}
         else:
             r = evaluate(G, detector, EvalConfig(pairs=args.edits, points=args.points, steps=args.steps,
-                                                 split="val", mask=args.mask), model_defaults=defaults)
+                                                 split="val", mask=args.mask, seed=args.seed),
+                         model_defaults=defaults)
             row = {**cfg, "md_before": r["md_before"], "md_after": r["md_after"], "reduction": r["reduction"],
                    "md_tracked": r["md_tracked"], "steps": r["steps"], "seconds_per_edit": r["seconds_per_edit"]}
-            row.update({k: r[k] for k in ("reached", "md_after_mask", "reached_mask", "seconds_per_edit_mask",
+            row.update({k: r[k] for k in ("reached", "md_after_mask", "reduction_mask", "reached_mask", "seconds_per_edit_mask",
                                           "outside_change_nomask", "outside_change_mask") if k in r})
         row["wall_s"] = time.time() - t0
         rows.append(row)

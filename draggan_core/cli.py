@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .devices import DeviceError, add_device_argument, resolve_device
 from .models import CHECKPOINTS_DIR as DEFAULT_CHECKPOINTS_DIR
 from .models import default_model_path
 
@@ -203,7 +204,7 @@ def _add_render(subparsers):
                    help="enlarge the output image N times (nearest neighbour: pixels stay sharp)")
     p.add_argument("--raw", metavar="OUT.npy", help="also write the float32 (C,H,W) unclamped generator output")
     p.add_argument("--save-latent", metavar="W.npy", help="also write the W+ latent used (float32 (1,num_ws,w_dim))")
-    p.add_argument("--device", default="cpu", help="torch device")
+    add_device_argument(p)
     p.set_defaults(func=_cmd_render)
 
 
@@ -481,7 +482,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoints import CheckpointError
     from .latents import LatentError
     from .registry import DownloadError
-    return (CliError, CheckpointError, LatentError, DownloadError, ValueError, OSError)
+    return (CliError, CheckpointError, LatentError, DownloadError, DeviceError, ValueError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # argparse itself exits with code 2 on usage errors
     errors = _user_errors()
     try:
+        if hasattr(args, "device"):  # every command that computes: auto / cpu / cuda / mps, checked up front
+            args.device = resolve_device(args.device)
         return int(args.func(args) or 0)
     except BrokenPipeError:  # `draggan models | head`: the reader has gone, nothing to report
         try:  # so that the flush at exit does not fail again

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .devices import add_device_argument, describe
 from .drag import DragConfig, DragSession
 from .networks import Generator, GeneratorConfig
 
@@ -42,17 +43,17 @@ def _ffhq512() -> GeneratorConfig:
                            channel_max=512, conv_clamp=256)
 
 
-def _load(config: str) -> tuple[Generator, str]:
+def _load(config: str, device="cpu") -> tuple[Generator, str]:
     if config == "ffhq512":
         torch.manual_seed(0)
-        return Generator(_ffhq512()), "FFHQ-512-shaped StyleGAN2, random weights (seed 0)"
+        return Generator(_ffhq512()).to(device), "FFHQ-512-shaped StyleGAN2, random weights (seed 0)"
     if config == "embedded":
         from .models import default_model_path
         config = str(default_model_path())
         if not Path(config).is_file():
             raise FileNotFoundError(f"{config}: the embedded model is missing")
     from .checkpoints import load_generator
-    return load_generator(config), config
+    return load_generator(config, device=device), config
 
 
 def _peak_rss_mb() -> float:
@@ -107,16 +108,16 @@ PHASE_LABELS = {"ours": "ours (same math)", "default": "ours (default formulatio
 
 
 def run_bench(config="ffhq512", steps=20, mask=False, threads=None, log=print,
-              progress: Callable[[str], None] | None = _stderr) -> dict:
+              progress: Callable[[str], None] | None = _stderr, device="cpu") -> dict:
     """`log` receives the results, `progress` what is being done (None: silent)."""
     say = progress or (lambda message: None)
     if threads:
         torch.set_num_threads(threads)
     say(f"loading {config} ...")
-    G, desc = _load(config)
+    G, desc = _load(config, device)
     res = G.img_resolution
     rng = np.random.RandomState(0)
-    z = torch.from_numpy(rng.randn(1, G.z_dim)).float()
+    z = torch.from_numpy(rng.randn(1, G.z_dim)).float().to(device)
     with torch.no_grad():
         w = G.mapping(z, truncation_psi=0.7)
     handle = (round(res * 0.45), round(res * 0.55))
@@ -135,7 +136,8 @@ def run_bench(config="ffhq512", steps=20, mask=False, threads=None, log=print,
         s.set_mask(flex)
         return s
 
-    log(f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    log(f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"device {describe(torch.device(device))}")
     log(f"model: {desc}; {res}px, feature block b{feature_res}, {steps} steps, mask={'yes' if mask else 'no'}")
     results = {}
     for name in ("ours", "default", "baseline"):
@@ -167,7 +169,8 @@ def run_bench(config="ffhq512", steps=20, mask=False, threads=None, log=print,
                    ours_step_s=results["ours"]["step_s"], ours_default_step_s=results["default"]["step_s"],
                    speedup=results["baseline"]["step_s"] / results["ours"]["step_s"],
                    peak_rss_mb=results["ours"]["peak_rss_mb"], baseline_peak_rss_mb=results["baseline"]["peak_rss_mb"],
-                   max_dev_px=dev, cpu=_cpu_name(), threads=torch.get_num_threads())
+                   max_dev_px=dev, cpu=_cpu_name(), threads=torch.get_num_threads(),
+                   device=describe(torch.device(device)))
     log(f"speedup {summary['speedup']:.1f}x, max handle deviation {dev:.2f} px, "
         f"peak RSS ours {summary['peak_rss_mb']:.0f} MB (process incl. baseline {summary['baseline_peak_rss_mb']:.0f} MB)")
     return summary
@@ -180,12 +183,13 @@ def add_parser(subparsers):
     p.add_argument("--steps", type=int, default=20, help="timed steps per phase (the median is reported)")
     p.add_argument("--mask", action="store_true", help="benchmark the masked case (full feature map)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
-    summary = run_bench(args.config, args.steps, args.mask, args.threads,
+    summary = run_bench(args.config, args.steps, args.mask, args.threads, device=args.device,
                         log=lambda m: print(m, file=sys.stderr if args.json else sys.stdout))
     if args.json:
         print(json.dumps(summary))

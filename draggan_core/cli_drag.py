@@ -20,6 +20,7 @@ import numpy as np
 
 from .cli import (CliError, add_model_argument, check_outputs, check_scale, enlarge, load_model, positive_int,
                   resolve_model_path)
+from .devices import add_device_argument
 from .recipe import Recipe, parse_drag
 
 MAX_MASK_PIXELS = 64 * 1024 * 1024
@@ -106,7 +107,7 @@ def add_parser(subparsers):
     p.add_argument("--save-recipe", metavar="RECIPE.json",
                    help="write this edit as a recipe that `drag --recipe` replays")
     p.add_argument("--log", metavar="OUT.json", help="steps, timing and handle trajectory as JSON")
-    p.add_argument("--device", default="cpu", help="torch device")
+    add_device_argument(p)
     p.set_defaults(func=run)
 
 

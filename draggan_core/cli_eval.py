@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .cli import CliError, add_model_argument, check_outputs, resolve_model_path
+from .devices import add_device_argument
 from .landmark_net import DEFAULT_DETECTOR_PATH
 
 
@@ -40,7 +41,7 @@ def add_parser(subparsers):
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
     p.add_argument("--out", metavar="OUT.json", help="also write the full result (with per-pair records)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu", help="torch device")
+    add_device_argument(p)
     p.set_defaults(func=run)
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .cli import CliError, add_model_argument, check_outputs, load_model
+from .devices import add_device_argument
 
 
 def add_parser(subparsers):
@@ -31,7 +32,7 @@ def add_parser(subparsers):
     p.add_argument("--tuned-model", metavar="OUT.safetensors", help="with --pti-steps: write the tuned copy of G")
     p.add_argument("--png", metavar="OUT.png", help="also write the reconstruction")
     p.add_argument("--seed", type=int, default=0, help="seed of the random start samples (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device")
+    add_device_argument(p)
     p.set_defaults(func=run)
 
 

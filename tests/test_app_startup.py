@@ -112,3 +112,13 @@ def test_offline_download_fails_in_one_line(tmp_path):
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot download test-faces64") and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("command", [["render", "--seed", "1", "--out", "x.png"], ["bench", "--config", "embedded"],
+                                     ["drag", "--seed", "1", "--drag", "1,1:2,2", "--out", "x.png"]])
+def test_cli_commands_check_the_device_up_front(command, tmp_path):
+    bad = "tpu" if torch.cuda.is_available() else "cuda"
+    r = subprocess.run([sys.executable, "-m", "draggan_core", *command, "--device", bad], cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()

@@ -160,7 +160,7 @@ def drive(url: str, res: int, steps: int) -> dict:
     last_path = None
     for item in job:
         now = time.perf_counter() - t_start
-        image_path, _points, status = item[0], item[1], item[2]
+        image_path, status = item[0], item[2]
         m = STEP_RE.search(str(status))
         step = int(m.group(1)) if m else None
         new_image = False

@@ -56,7 +56,7 @@ def test_frames_only_move_forward_and_show_their_steps_latent(model):
     renderer = FrameRenderer(threads=1)
     s = _session(model, 3)
     latents = {}
-    frames = _stream_run(s, renderer, 40, latents)
+    frames = _stream_run(s, renderer, 20, latents)
     steps = [f.step for f in frames]
     assert len(frames) >= 2 and steps == sorted(set(steps)), steps  # strictly increasing, never stale
     for f in frames:
@@ -100,7 +100,7 @@ def test_two_concurrent_sessions_keep_their_own_frames(model):
     sessions = {seed: _session(model, seed) for seed in runs}
 
     def work(seed):
-        frames[seed] = _stream_run(sessions[seed], renderer, 30, runs[seed])
+        frames[seed] = _stream_run(sessions[seed], renderer, 15, runs[seed])
 
     threads = [threading.Thread(target=work, args=(seed,)) for seed in runs]
     for t in threads:
@@ -116,7 +116,7 @@ def test_two_concurrent_sessions_keep_their_own_frames(model):
     # and each edit equals the same edit run alone
     for seed in runs:
         alone = _session(model, seed)
-        for _ in alone.run(max_steps=30):
+        for _ in alone.run(max_steps=15):
             pass
         torch.testing.assert_close(alone.latent, sessions[seed].latent, rtol=0, atol=1e-5)
 

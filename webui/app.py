@@ -6,9 +6,7 @@ The session logic lives in `webui.state` (no gradio there); this module lays out
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import math
 import os
 import sys
 import time
@@ -20,6 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import PIL.Image  # noqa: E402
 
+from draggan_core.models import CHECKPOINTS_DIR  # noqa: E402
 from draggan_core.registry import DownloadError, download, list_models  # noqa: E402
 
 from .state import (STORE, EDITOR_SIZE, EditorState, UIError, editor_alpha, env_max_steps,  # noqa: E402
@@ -60,6 +59,35 @@ def _warn(msg: str) -> str:
     return f"⚠ {msg}"
 
 
+def view_handler(fn):
+    """fn(app, st, *args) -> status; outputs [canvas, points, status, state]; errors become toasts."""
+    @functools.wraps(fn)
+    def wrapper(self, st, *args):
+        try:
+            st = self.ensure(st)
+            return self.view(st, fn(self, st, *args))
+        except UIError as e:
+            return gr.skip(), gr.skip(), _warn(str(e)), st
+        except Exception as e:  # never show a traceback to the user
+            return gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st
+    return wrapper
+
+
+def latent_handler(fn):
+    """Like view_handler, for handlers that replace the image: also the mask canvas, seed and mask info."""
+    @functools.wraps(fn)
+    def wrapper(self, st, *args):
+        try:
+            st = self.ensure(st)
+            status = fn(self, st, *args)
+            return (*self.view(st, status), st.editor_value(), st.seed, st.mask_info())
+        except UIError as e:
+            return gr.skip(), gr.skip(), _warn(str(e)), st, gr.skip(), gr.skip(), gr.skip()
+        except Exception as e:
+            return gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st, gr.skip(), gr.skip(), gr.skip()
+    return wrapper
+
+
 class App:
     """Builds handlers bound to the model chosen at start."""
 
@@ -80,23 +108,185 @@ class App:
             status = st.last_status
         return st.frame_output(), st.points_text(), status, st
 
-    def guarded_view(self, fn):
-        """Wrap fn(st, *args) -> status; outputs [canvas, points, status, state]."""
-        @functools.wraps(fn)
-        def wrapper(st, *args):
-            try:
-                st = self.ensure(st)
-                status = fn(st, *args)
-                return self.view(st, status)
-            except UIError as e:
-                return gr.skip(), gr.skip(), _warn(str(e)), st
-            except Exception as e:  # never show a traceback to the user
-                return gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st
-        return wrapper
+    # ------------------------------------------------------------------ page load / latent
+    def on_load(self, st):
+        try:
+            st = self.ensure(st)
+            out = self.view(st, "click a handle, then its target, then Start")
+            return (*out, st.editor_value(), st.seed, st.mask_info())
+        except Exception as e:
+            msg = _warn(e.args[0] if isinstance(e, UIError) else _log_unexpected(e))
+            return gr.skip(), gr.skip(), msg, st, gr.skip(), gr.skip(), gr.skip()
 
-    def editor_value(self, st: EditorState):
-        return st.editor_value()
+    @latent_handler
+    def set_seed(self, st, seed_value, psi_value):
+        st.set_seed(seed_value, psi_value)
+        return f"new image from seed {st.seed} (psi {st.psi:g})"
 
+    @latent_handler
+    def random_seed(self, st, psi_value):
+        st.psi = float(psi_value)
+        st.random_seed()
+        return f"new image from seed {st.seed} (psi {st.psi:g})"
+
+    @latent_handler
+    def _upload_latent(self, st, path):
+        if path is None:
+            return st.last_status
+        st.upload_latent(path, name=Path(str(path)).name)
+        return f"latent loaded from {st.latent_source}"
+
+    def upload_latent(self, st, path):
+        return (*self._upload_latent(st, path), None)  # empty the drop zone again for the next upload
+
+    def upload_image(self, st, path):
+        """Stream the inversion's progress, then show the projected image ready to drag."""
+        try:
+            st = self.ensure(st)
+            if path is None:
+                yield gr.skip(), gr.skip(), st.last_status, st, gr.skip(), gr.skip(), gr.skip(), None
+                return
+            for status, preview in st.invert_image(path, name=Path(str(path)).name):
+                shown = st.frame_output(preview) if preview is not None else gr.skip()
+                yield shown, gr.skip(), status, st, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield (*self.view(st, st.last_status), st.editor_value(), st.seed, st.mask_info(), None)
+        except UIError as e:
+            yield gr.skip(), gr.skip(), _warn(str(e)), st, gr.skip(), gr.skip(), gr.skip(), None
+        except Exception as e:
+            yield gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st, gr.skip(), gr.skip(), gr.skip(), None
+
+    @latent_handler
+    def reset_image(self, st):
+        st.reset()
+        return "image reset to the start latent; points are back where you placed them"
+
+    @latent_handler
+    def _change_model(self, st, path):
+        if not path or str(Path(path).resolve()) == str(Path(st.model_path).resolve()):
+            return st.last_status
+        st.set_model(path)
+        return st.last_status
+
+    def select_model(self, st, path):
+        out = self._change_model(st, path)
+        current = out[3].model_path if isinstance(out[3], EditorState) else str(self.model_path)
+        return (*out, gr.update(value=current), f"Loaded: `{Path(current).name}`")
+
+    @staticmethod
+    def download_model(name, progress=gr.Progress(track_tqdm=True)):
+        if not name:
+            gr.Warning("choose a model to download first")
+            return gr.skip(), "choose a model first"
+        try:
+            path = download(name, dest_dir=CHECKPOINTS_DIR, progress=True)
+        except (DownloadError, ValueError) as e:
+            gr.Warning(str(e))
+            return gr.skip(), f"⚠ {e}"
+        except Exception as e:
+            return gr.skip(), _warn(_log_unexpected(e))
+        return gr.update(choices=model_choices()), f"Downloaded `{path.name}`: choose it above to load it"
+
+    # ------------------------------------------------------------------ points
+    @view_handler
+    def add_point(self, st, x, y):
+        if x is None or y is None:
+            raise UIError("give both x and y")
+        kind = st.click(x, y)
+        return f"{kind} at ({int(x)}, {int(y)})" + (": now click its target" if kind == "handle" else
+                                                    ": press Start to drag")
+
+    def on_click(self, st, evt: gr.SelectData):
+        try:
+            st = self.ensure(st)
+            if evt is None or evt.index is None:
+                raise UIError("click inside the image")
+            f = st.factor
+            return self.add_point(st, int(evt.index[0]) // f, int(evt.index[1]) // f)
+        except UIError as e:
+            return gr.skip(), gr.skip(), _warn(str(e)), st
+
+    @view_handler
+    def add_pair(self, st, hx, hy, tx, ty):
+        if None in (hx, hy, tx, ty):
+            raise UIError("give hx, hy, tx, ty")
+        st.add_pair(hx, hy, tx, ty)
+        return f"pair added: ({int(hx)}, {int(hy)}) -> ({int(tx)}, {int(ty)})"
+
+    @view_handler
+    def undo(self, st):
+        st.undo()
+        return "last point removed"
+
+    @view_handler
+    def clear_points(self, st):
+        st.clear_points()
+        return "points cleared"
+
+    # ------------------------------------------------------------------ mask
+    def set_mask(self, st, value, mode, show):
+        """Apply the painted editor layer as the mask (outputs: canvas, mask info, status, state)."""
+        if st is None and not (isinstance(value, dict) and value.get("layers")):
+            return gr.skip(), gr.skip(), gr.skip(), st  # editor initialised before the session exists
+        try:
+            st = self.ensure(st)
+            st.show_mask = bool(show)
+            st.set_mask_from_layer(editor_alpha(value), paint_fixed=(mode == "fixed"))
+            return st.frame_output(), st.mask_info(), "mask updated", st
+        except UIError as e:
+            return gr.skip(), gr.skip(), _warn(str(e)), st
+        except Exception as e:
+            return gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st
+
+    def clear_mask(self, st):
+        try:
+            st = self.ensure(st)
+            st.set_mask_from_layer(None)
+            return st.frame_output(), st.mask_info(), "mask cleared", st, st.editor_value()
+        except UIError as e:
+            return gr.skip(), gr.skip(), _warn(str(e)), st, gr.skip()
+
+    def toggle_mask(self, st, show):
+        if st is None:
+            return gr.skip(), st
+        st.show_mask = bool(show)
+        return st.frame_output(), st
+
+    # ------------------------------------------------------------------ files out
+    def _files(self, st, make):
+        try:
+            st = self.ensure(st)
+            return [str(f) for f in make(st)], st
+        except UIError as e:
+            _warn(str(e))
+            return gr.skip(), st
+        except Exception as e:
+            _warn(_log_unexpected(e))
+            return gr.skip(), st
+
+    def download_latent(self, st):
+        return self._files(st, lambda s: [s.save_current_latent()])
+
+    def export_png(self, st):
+        return self._files(st, lambda s: [s.export_png()])
+
+    def export_gif(self, st):
+        return self._files(st, lambda s: [s.export_gif()])
+
+    def export_recipe(self, st):
+        def make(s):
+            if not s.session.pairs:
+                raise UIError("a recipe needs at least one point pair")
+            return s.export_recipe()
+        return self._files(st, make)
+
+    def debug_state(self, st):
+        try:
+            st = self.ensure(st)
+            return st.debug_info(), st
+        except Exception as e:
+            return {"error": str(e)}, st
+
+    # ------------------------------------------------------------------ run / stop
     def run(self, st, n_steps, lr_v, r1_v, r2_v, lam_v, stop_v, tracking_v, w_mode_v, every_v):
         """Start: stream (canvas, points, status, state, mask canvas) while the drag runs."""
         try:
@@ -275,264 +465,51 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
                                            elem_id="export_files")
 
         VIEW = [canvas, points_box, status_box, state]
+        load_outputs = [*VIEW, editor, seed, mask_info]
+        quiet = dict(show_progress="hidden")
 
         # ------------------------------------------------------------------ page load / latent
-        def on_load(st):
-            try:
-                st = app.ensure(st)
-                out = app.view(st, "click a handle, then its target, then Start")
-                return (*out, app.editor_value(st), st.seed, st.mask_info())
-            except Exception as e:
-                msg = _warn(e.args[0] if isinstance(e, UIError) else _log_unexpected(e))
-                return gr.skip(), gr.skip(), msg, st, gr.skip(), gr.skip(), gr.skip()
-
-        load_outputs = [*VIEW, editor, seed, mask_info]
-        demo.load(on_load, [state], load_outputs, api_name="new_session", show_progress="hidden")
-
-        def latent_changed(fn):
-            """Handlers that replace the image also reset the mask canvas."""
-            @functools.wraps(fn)
-            def wrapper(st, *args):
-                try:
-                    st = app.ensure(st)
-                    status = fn(st, *args)
-                    return (*app.view(st, status), app.editor_value(st), st.seed, st.mask_info())
-                except UIError as e:
-                    return gr.skip(), gr.skip(), _warn(str(e)), st, gr.skip(), gr.skip(), gr.skip()
-                except Exception as e:
-                    return gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st, gr.skip(), gr.skip(), gr.skip()
-            return wrapper
-
-        @latent_changed
-        def set_seed(st, seed_value, psi_value):
-            st.set_seed(seed_value, psi_value)
-            return f"new image from seed {st.seed} (psi {st.psi:g})"
-
-        @latent_changed
-        def random_seed(st, psi_value):
-            st.psi = float(psi_value)
-            st.random_seed()
-            return f"new image from seed {st.seed} (psi {st.psi:g})"
-
-        @latent_changed
-        def upload_latent(st, path):
-            if path is None:
-                return st.last_status
-            st.upload_latent(path, name=Path(str(path)).name)
-            return f"latent loaded from {st.latent_source}"
-
-        @latent_changed
-        def reset_image(st):
-            st.reset()
-            return "image reset to the start latent; points are back where you placed them"
-
-        @latent_changed
-        def change_model(st, path):
-            if not path or str(Path(path).resolve()) == str(Path(st.model_path).resolve()):
-                return st.last_status
-            st.set_model(path)
-            return st.last_status
-
-        seed_inputs = [state, seed, psi]
-        seed.submit(set_seed, seed_inputs, load_outputs, api_name="set_seed", show_progress="hidden")
-        psi.release(set_seed, seed_inputs, load_outputs, api_visibility="private", show_progress="hidden")
-        rand_btn.click(random_seed, [state, psi], load_outputs, api_name="random_seed", show_progress="hidden")
-        def upload_latent_and_clear(st, path):
-            return (*upload_latent(st, path), None)  # empty the drop zone again for the next upload
-
-        latent_file.upload(upload_latent_and_clear, [state, latent_file], [*load_outputs, latent_file],
+        demo.load(app.on_load, [state], load_outputs, api_name="new_session", **quiet)
+        seed.submit(app.set_seed, [state, seed, psi], load_outputs, api_name="set_seed", **quiet)
+        psi.release(app.set_seed, [state, seed, psi], load_outputs, api_visibility="private", **quiet)
+        rand_btn.click(app.random_seed, [state, psi], load_outputs, api_name="random_seed", **quiet)
+        latent_file.upload(app.upload_latent, [state, latent_file], [*load_outputs, latent_file],
                            api_name="upload_latent")
-
-        def upload_image(st, path):
-            """Stream the inversion's progress, then show the projected image ready to drag."""
-            try:
-                st = app.ensure(st)
-                if path is None:
-                    yield gr.skip(), gr.skip(), st.last_status, st, gr.skip(), gr.skip(), gr.skip(), None
-                    return
-                for status, preview in st.invert_image(path, name=Path(str(path)).name):
-                    shown = st.display(preview) if preview is not None else gr.skip()
-                    yield shown, gr.skip(), status, st, gr.skip(), gr.skip(), gr.skip(), gr.skip()
-                yield (*app.view(st, st.last_status), app.editor_value(st), st.seed, st.mask_info(), None)
-            except UIError as e:
-                yield gr.skip(), gr.skip(), _warn(str(e)), st, gr.skip(), gr.skip(), gr.skip(), None
-            except Exception as e:
-                yield gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st, gr.skip(), gr.skip(), gr.skip(), None
-
-        image_file.upload(upload_image, [state, image_file], [*load_outputs, image_file], api_name="upload_image",
-                          show_progress="hidden")
-        reset_btn.click(reset_image, [state], load_outputs, api_name="reset", show_progress="hidden")
-
-        def model_selected(st, path):
-            out = change_model(st, path)
-            st2 = out[3]
-            current = st2.model_path if isinstance(st2, EditorState) else str(model_path)
-            info = f"Loaded: `{Path(current).name}`"
-            return (*out, gr.update(value=current), info)
-
-        model_dd.input(model_selected, [state, model_dd], [*load_outputs, model_dd, model_info],
-                       api_name="set_model")
-
-        def download_model(name, progress=gr.Progress(track_tqdm=True)):
-            if not name:
-                gr.Warning("choose a model to download first")
-                return gr.skip(), "choose a model first"
-            try:
-                path = download(name, dest_dir=Path(__file__).resolve().parents[1] / "checkpoints", progress=True)
-            except (DownloadError, ValueError) as e:
-                gr.Warning(str(e))
-                return gr.skip(), f"⚠ {e}"
-            except Exception as e:
-                return gr.skip(), _warn(_log_unexpected(e))
-            return gr.update(choices=model_choices()), f"Downloaded `{path.name}`: choose it above to load it"
-
-        dl_model_btn.click(download_model, [registry_dd], [model_dd, model_info], api_name="download_model")
-
-        def download_latent(st):
-            try:
-                st = app.ensure(st)
-                return [str(st.save_current_latent())], st
-            except Exception as e:
-                _warn(str(e) if isinstance(e, UIError) else _log_unexpected(e))
-                return gr.skip(), st
-
-        latent_dl_btn.click(download_latent, [state], [export_files, state], api_name="download_latent")
+        image_file.upload(app.upload_image, [state, image_file], [*load_outputs, image_file], api_name="upload_image",
+                          **quiet)
+        reset_btn.click(app.reset_image, [state], load_outputs, api_name="reset", **quiet)
+        model_dd.input(app.select_model, [state, model_dd], [*load_outputs, model_dd, model_info], api_name="set_model")
+        dl_model_btn.click(app.download_model, [registry_dd], [model_dd, model_info], api_name="download_model")
+        latent_dl_btn.click(app.download_latent, [state], [export_files, state], api_name="download_latent")
 
         # ------------------------------------------------------------------ points
-        @app.guarded_view
-        def add_point(st, x, y):
-            if x is None or y is None:
-                raise UIError("give both x and y")
-            kind = st.click(x, y)
-            return f"{kind} at ({int(x)}, {int(y)})" + (": now click its target" if kind == "handle" else
-                                                        ": press Start to drag")
-
-        def on_click(st, evt: gr.SelectData):
-            try:
-                st = app.ensure(st)
-                if evt is None or evt.index is None:
-                    raise UIError("click inside the image")
-                ix, iy = evt.index[0], evt.index[1]
-                f = st.factor
-                return add_point(st, int(ix) // f, int(iy) // f)
-            except UIError as e:
-                return gr.skip(), gr.skip(), _warn(str(e)), st
-
-        canvas.select(on_click, [state], VIEW, api_visibility="private", show_progress="hidden",
-                      trigger_mode="multiple")
-        add_point_btn.click(add_point, [state, px, py], VIEW, api_name="add_point", show_progress="hidden")
-
-        @app.guarded_view
-        def add_pair(st, hx, hy, tx, ty):
-            if None in (hx, hy, tx, ty):
-                raise UIError("give hx, hy, tx, ty")
-            st.add_pair(hx, hy, tx, ty)
-            return f"pair added: ({int(hx)}, {int(hy)}) -> ({int(tx)}, {int(ty)})"
-
-        add_pair_btn.click(add_pair, [state, px, py, ptx, pty], VIEW, api_name="add_pair", show_progress="hidden")
-
-        @app.guarded_view
-        def undo(st):
-            st.undo()
-            return "last point removed"
-
-        @app.guarded_view
-        def clear_points(st):
-            st.clear_points()
-            return "points cleared"
-
-        undo_btn.click(undo, [state], VIEW, api_name="undo", show_progress="hidden")
-        clear_btn.click(clear_points, [state], VIEW, api_name="clear_points", show_progress="hidden")
+        canvas.select(app.on_click, [state], VIEW, api_visibility="private", trigger_mode="multiple", **quiet)
+        add_point_btn.click(app.add_point, [state, px, py], VIEW, api_name="add_point", **quiet)
+        add_pair_btn.click(app.add_pair, [state, px, py, ptx, pty], VIEW, api_name="add_pair", **quiet)
+        undo_btn.click(app.undo, [state], VIEW, api_name="undo", **quiet)
+        clear_btn.click(app.clear_points, [state], VIEW, api_name="clear_points", **quiet)
 
         # ------------------------------------------------------------------ mask
-        def set_mask(st, value, mode, show):
-            """Apply the painted editor layer as the mask (outputs: canvas, mask info, status, state)."""
-            if st is None and not (isinstance(value, dict) and value.get("layers")):
-                return gr.skip(), gr.skip(), gr.skip(), st  # editor initialised before the session exists
-            try:
-                st = app.ensure(st)
-                st.show_mask = bool(show)
-                st.set_mask_from_layer(editor_alpha(value), paint_fixed=(mode == "fixed"))
-                return st.frame_output(), st.mask_info(), "mask updated", st
-            except UIError as e:
-                return gr.skip(), gr.skip(), _warn(str(e)), st
-            except Exception as e:
-                return gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st
-
-        mask_outputs = [canvas, mask_info, status_box, state]
-        apply_mask_btn.click(set_mask, [state, editor, mask_mode, show_mask], mask_outputs, api_name="set_mask",
-                             show_progress="hidden")
-        editor.change(set_mask, [state, editor, mask_mode, show_mask], mask_outputs, api_visibility="private",
-                      show_progress="hidden", trigger_mode="always_last")
-        mask_mode.change(set_mask, [state, editor, mask_mode, show_mask], mask_outputs, api_visibility="private",
-                         show_progress="hidden")
-
-        def clear_mask(st):
-            try:
-                st = app.ensure(st)
-                st.set_mask_from_layer(None)
-                return st.frame_output(), st.mask_info(), "mask cleared", st, app.editor_value(st)
-            except UIError as e:
-                return gr.skip(), gr.skip(), _warn(str(e)), st, gr.skip()
-
-        clear_mask_btn.click(clear_mask, [state], [*mask_outputs, editor], api_name="clear_mask",
-                             show_progress="hidden")
-        refresh_mask_btn.click(clear_mask, [state], [*mask_outputs, editor], api_visibility="private",
-                               show_progress="hidden")
-
-        def toggle_mask(st, show):
-            if st is None:
-                return gr.skip(), st
-            st.show_mask = bool(show)
-            return st.frame_output(), st
-
-        show_mask.change(toggle_mask, [state, show_mask], [canvas, state], api_visibility="private",
-                         show_progress="hidden")
+        mask_inputs, mask_outputs = [state, editor, mask_mode, show_mask], [canvas, mask_info, status_box, state]
+        apply_mask_btn.click(app.set_mask, mask_inputs, mask_outputs, api_name="set_mask", **quiet)
+        editor.change(app.set_mask, mask_inputs, mask_outputs, api_visibility="private", trigger_mode="always_last",
+                      **quiet)
+        mask_mode.change(app.set_mask, mask_inputs, mask_outputs, api_visibility="private", **quiet)
+        clear_mask_btn.click(app.clear_mask, [state], [*mask_outputs, editor], api_name="clear_mask", **quiet)
+        refresh_mask_btn.click(app.clear_mask, [state], [*mask_outputs, editor], api_visibility="private", **quiet)
+        show_mask.change(app.toggle_mask, [state, show_mask], [canvas, state], api_visibility="private", **quiet)
 
         # ------------------------------------------------------------------ run / stop
         run_inputs = [state, max_steps, lr, r1, r2, lam, stop_d, tracking, w_mode, display_every]
-        run_event = start_btn.click(app.run, run_inputs, [*VIEW, editor], api_name="run", show_progress="hidden")
-        stop_btn.click(app.stop, [state], [*VIEW, editor], cancels=[run_event], api_name="stop",
-                       show_progress="hidden")
+        run_event = start_btn.click(app.run, run_inputs, [*VIEW, editor], api_name="run", **quiet)
+        stop_btn.click(app.stop, [state], [*VIEW, editor], cancels=[run_event], api_name="stop", **quiet)
 
         # ------------------------------------------------------------------ export
-        def export(kind):
-            def fn(st):
-                try:
-                    st = app.ensure(st)
-                    if kind == "png":
-                        files = [st.export_png()]
-                    elif kind == "latent":
-                        files = [st.save_current_latent()]
-                    elif kind == "gif":
-                        files = [st.export_gif()]
-                    else:
-                        if not st.session.pairs:
-                            raise UIError("a recipe needs at least one point pair")
-                        files = st.export_recipe()
-                    return [str(f) for f in files], st
-                except UIError as e:
-                    _warn(str(e))
-                    return gr.skip(), st
-                except Exception as e:
-                    _warn(_log_unexpected(e))
-                    return gr.skip(), st
-            fn.__name__ = f"export_{kind}"
-            return fn
-
-        png_btn.click(export("png"), [state], [export_files, state], api_name="export_png")
-        npy_btn.click(export("latent"), [state], [export_files, state], api_name="export_latent")
-        gif_btn.click(export("gif"), [state], [export_files, state], api_name="export_gif")
-        recipe_btn.click(export("recipe"), [state], [export_files, state], api_name="export_recipe")
-
-        def debug_state(st):
-            try:
-                st = app.ensure(st)
-                return st.debug_info(), st
-            except Exception as e:
-                return {"error": str(e)}, st
-
-        debug_btn.click(debug_state, [state], [debug_box, state], api_name="debug_state", show_progress="hidden")
+        png_btn.click(app.export_png, [state], [export_files, state], api_name="export_png")
+        npy_btn.click(app.download_latent, [state], [export_files, state], api_name="export_latent")
+        gif_btn.click(app.export_gif, [state], [export_files, state], api_name="export_gif")
+        recipe_btn.click(app.export_recipe, [state], [export_files, state], api_name="export_recipe")
+        debug_btn.click(app.debug_state, [state], [debug_box, state], api_name="debug_state", **quiet)
 
     PIL.Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     demo.queue(default_concurrency_limit=2)

@@ -245,8 +245,8 @@ def _restore_adam(param: torch.Tensor, adam: AdamState | None) -> torch.optim.Ad
     state = {}
     if adam.exp_avg is not None:
         state[0] = {"step": torch.tensor(float(adam.step), dtype=torch.float32),
-                    "exp_avg": torch.as_tensor(adam.exp_avg).to(param.device),
-                    "exp_avg_sq": torch.as_tensor(adam.exp_avg_sq).to(param.device)}
+                    "exp_avg": torch.tensor(np.asarray(adam.exp_avg)).to(param.device),
+                    "exp_avg_sq": torch.tensor(np.asarray(adam.exp_avg_sq)).to(param.device)}
     opt.load_state_dict({"state": state, "param_groups": [group]})
     return opt
 
@@ -354,6 +354,7 @@ class Engine(ABC):
     """Runs drags. `run` takes a state and streams events; `run_session` drives a live session."""
 
     name = "engine"
+    concurrent_runs: int | None = None  # runs a front end may send at once (None: its own default)
 
     @abstractmethod
     def run(self, state: RunState, steps: int, display_every: int = 1, state_every: int = 1) -> RunHandle:
@@ -376,19 +377,32 @@ class Engine(ABC):
 
 def _follow(session: DragSession, handle: RunHandle) -> Iterator:
     """Pass events on; apply each streamed state to the session before the step it belongs to."""
-    base: RunState | None = None
+    full = False
     try:
         for event in handle:
             if isinstance(event, StateEvent):
                 if event.state is not None:
-                    base = event.state
-                    apply_run_state(session, base)
-                elif event.progress is not None and base is not None:
-                    base = base.with_progress(event.progress)
-                    apply_run_state(session, base)
+                    apply_run_state(session, event.state)
+                    full = True
+                elif event.progress is not None and full:
+                    apply_run_progress(session, event.progress)
             yield event
     finally:
         handle.close()
+
+
+def apply_run_progress(session: DragSession, progress: RunProgress) -> DragSession:
+    """Advance a session that holds its run's full state by one streamed `RunProgress` (cheap: the
+    references and the mask's stay as they are)."""
+    if len(progress.handles) != len(session.pairs):
+        raise EngineError("progress does not match the run's point pairs")
+    for p, h in zip(session.pairs, progress.handles):
+        p.handle = tuple(h)
+    session.step_count = int(progress.step_count)
+    if progress.param is not None:
+        session._param = torch.tensor(np.asarray(progress.param)).to(session.device).float().requires_grad_(True)
+        session._opt = _restore_adam(session._param, progress.adam)
+    return session
 
 
 # ------------------------------------------------------------------------------------------------
@@ -489,4 +503,4 @@ class _NoBudget:
 
 __all__ = ["AdamState", "StartEvent", "EndEvent", "Engine", "EngineError", "FrameEvent", "LocalEngine", "PairState", "RunHandle",
            "RunProgress", "RunState", "StateEvent", "StepEvent", "apply_run_state", "export_run_state",
-           "latent_of", "resolve_model_id", "run_progress", "session_from_state"]
+           "apply_run_progress", "latent_of", "resolve_model_id", "run_progress", "session_from_state"]

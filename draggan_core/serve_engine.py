@@ -23,6 +23,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -208,8 +209,10 @@ class RayEngine(Engine):
 
     name = "ray"
 
-    def __init__(self, handle, cleanup=None, retries: int = 3, description: str = "ray"):
+    def __init__(self, handle, cleanup=None, retries: int = 3, description: str = "ray",
+                 concurrent_runs: int = 16):
         self.handle = handle
+        self.concurrent_runs = concurrent_runs  # runs a front end should send at once
         self._cleanup = cleanup
         self.retries = retries
         self.description = description
@@ -297,6 +300,12 @@ def start_engine(address: str | None = None, replicas: int = 2, gpus_per_replica
                  include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  configure_logging=False)
     else:
+        if address.split("://")[-1].rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+            _loopback_only()  # a cluster on this machine's loopback (e.g. another app's local Ray)
+            if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
+                # a local Ray made with ray.init uses this machine's token; Ray itself enables it only
+                # for address="auto" (an explicit address needs RAY_AUTH_MODE=token, docs/serving.md)
+                os.environ["RAY_AUTH_MODE"] = "token"
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     deployed_here = False
     try:
@@ -329,7 +338,7 @@ def start_engine(address: str | None = None, replicas: int = 2, gpus_per_replica
     atexit.register(cleanup_once)
     gcs = ray.get_runtime_context().gcs_address
     where = f"a local Ray at {gcs}" if owns_ray else f"the Ray cluster at {address} ({gcs})"
-    engine = RayEngine(handle, cleanup=cleanup_once,
+    engine = RayEngine(handle, cleanup=cleanup_once, concurrent_runs=min(64, 8 * max(1, replicas)),
                        description=f"ray ({where}, application {app_name!r}, {replicas} replicas)"
                        if deployed_here else f"ray ({where}, application {app_name!r})")
     log(f"Ray Serve engine ready in {time.perf_counter() - t0:.1f} s: {engine.describe()}")

@@ -3,6 +3,7 @@
 
     python scripts/load_test.py [--url URL | --start-server] [--sessions 8] [--steps 40] [--json]
                                 [--consecutive 100] [--stop-trials 3] [--no-disconnect]
+                                [--engine ray [--replicas 2] [--ray-address ADDR] [--no-fault] [--no-batching]]
 
 By default it starts `python app.py` itself on a free 127.0.0.1 port (DRAGGAN_TORCH_THREADS=1 unless
 set), then runs these phases, each bounded in count and time:
@@ -22,6 +23,17 @@ set), then runs these phases, each bounded in count and time:
    tab); the run must stop on the server (its step counter freezes, `running` becomes false).
 4. --consecutive N: N edits (new seed, pair, run, export) in one session; server RSS sampled after
    each edit.
+
+With --engine ray the server is `python app.py --engine ray --replicas N` (a local Ray on 127.0.0.1)
+and two more phases run:
+
+5. fault: two far runs on different sessions; the replica serving the first is killed (ray.kill, no
+   restart: its process ends like a crashed machine's). That session must end its run with a one-line
+   warning, keep the step it had streamed, and, started again for the remaining steps, end on the
+   same latent as the whole edit run alone; the next Start must be served by a live replica.
+6. batching: after the server has stopped, 8 runs at once straight on the engine deployment (no web
+   UI), alternating a deployment that renders concurrent frames in one batch (`@serve.batch`) and one
+   that renders each frame alone: total steps/s and frames/s of each, in the same run.
 
 Server RSS comes from /proc/<pid>/status, so it is only reported for a server on this machine
 (started here, or found by its listening port). Loopback only: --url must point at 127.0.0.1 /
@@ -133,7 +145,7 @@ class Server:
     """`python app.py` on a free loopback port; stdout+stderr go to a log file."""
 
     def __init__(self, model: str | None = None, threads: int = 1, max_steps: int | None = None,
-                 timeout: float = 180.0):
+                 timeout: float = 180.0, engine_args: list | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = Path(tempfile.mkdtemp(prefix="draggan-load-")) / "server.log"
@@ -145,6 +157,7 @@ class Server:
         cmd = [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(self.port)]
         if model:
             cmd += ["--model", model]
+        cmd += list(engine_args or [])
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         t0 = time.time()
@@ -161,6 +174,11 @@ class Server:
 
     def tracebacks(self) -> int:
         return self.log.read_text(errors="replace").count("Traceback")
+
+    def ray_address(self) -> str | None:
+        """The GCS address of the local Ray the app started (from its start-up line)."""
+        m = re.search(r"a local Ray at (\S+?),", self.log.read_text(errors="replace"))
+        return m.group(1) if m else None
 
     def stop(self):
         if self.proc.poll() is None:
@@ -209,8 +227,9 @@ def prepare(c, plan: dict):
         c.predict(*p, api_name="/add_pair")
 
 
-def streamed_run(c, steps: int, w_mode: str, timeout: float, stop_distance: str = "") -> dict:
-    """Submit /run and follow its stream. Returns frame timings and the final status."""
+def streamed_run(c, steps: int, w_mode: str, timeout: float, stop_distance: str = "", allow_warning: bool = False) -> dict:
+    """Submit /run and follow its stream. Returns frame timings and the final status (a warning
+    raises, unless `allow_warning`)."""
     t_submit = time.perf_counter()
     job = c.submit(*run_args(steps, w_mode, stop_distance), api_name="/run")
     frames = []  # (arrival time, step)
@@ -226,7 +245,7 @@ def streamed_run(c, steps: int, w_mode: str, timeout: float, stop_distance: str 
             job.cancel()
             raise TimeoutError(f"run did not finish in {timeout:.0f} s")
     t_end = time.perf_counter()
-    if status.startswith("⚠"):
+    if status.startswith("⚠") and not allow_warning:
         raise RuntimeError(f"run refused: {status}")
     return {"t_submit": t_submit, "t_end": t_end, "frames": frames, "status": status}
 
@@ -251,7 +270,7 @@ def pct(values, q):
 # phase 1: concurrent sessions + cross-talk check
 # ------------------------------------------------------------------------------------------------
 
-def reference_edit(model_path: str, plan: dict, steps: int) -> dict:
+def reference_edit(model_path: str, plan: dict, steps: int, stop_distance="") -> dict:
     """The same edit alone, in this process: EditorState settings, DragSession.run, same steps."""
     import torch
     from webui.state import EditorState
@@ -261,8 +280,8 @@ def reference_edit(model_path: str, plan: dict, steps: int) -> dict:
     try:
         for p in plan["pairs"]:
             st.add_pair(*p)
-        n = st.configure(max_steps=steps, lr="", r1="", r2="", lambda_mask=20, stop_distance="", tracking=None,
-                         w_mode=plan["w_mode"])
+        n = st.configure(max_steps=steps, lr="", r1="", r2="", lambda_mask=20, stop_distance=stop_distance,
+                         tracking=None, w_mode=plan["w_mode"])
         seconds = [r.seconds for r in st.session.run(max_steps=n)]
         return {"latent": st.session.latent.numpy(), "step": st.session.step_count, "seconds": seconds}
     finally:
@@ -373,6 +392,8 @@ def concurrent_phase(url: str, sessions: int, steps: int, timeout: float, verify
                         "how": "in-process DragSession StepResult.seconds, run alone (reference)"},
         "crosstalk": {"all_match": bool(checks) and all(c["match"] for c in checks), "tolerance": TOLERANCE,
                       "checks": checks},
+        "served_by": sorted({(r["debug"].get("engine") or {}).get("replica") or (r["debug"].get("engine") or {}).get("engine", "?")
+                             for r in done}),
         "server_rss_mb": {"before": rss_before, "after": rss_after},
     }
 
@@ -564,6 +585,240 @@ def consecutive_phase(url: str, edits: int, steps: int, pid: int | None, timeout
 
 
 # ------------------------------------------------------------------------------------------------
+# phase 5 (--engine ray): a replica dies mid-run
+# ------------------------------------------------------------------------------------------------
+
+KILLER = r"""
+import json, sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False)
+def replicas():
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a.get("namespace") == "serve" and a["name"].startswith("SERVE_REPLICA::draggan#"))
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd, _, arg = line.strip().partition(" ")
+    if cmd == "kill":
+        names = [n for n in replicas() if n.endswith("#" + arg)]
+        for n in names:
+            ray.kill(ray.get_actor(n, namespace="serve"), no_restart=True)
+        print(json.dumps(names), flush=True)
+    elif cmd == "list":
+        print(json.dumps(replicas()), flush=True)
+"""
+
+FAULT_PLANS = ({"seed": 2, "psi": 0.7, "pairs": [(10, 10, 54, 54), (54, 10, 10, 54)], "w_mode": "W+"},
+               {"seed": 7, "psi": 0.7, "pairs": [(12, 50, 50, 14)], "w_mode": "W"},
+               {"seed": 11, "psi": 0.7, "pairs": [(50, 50, 14, 12)], "w_mode": "W+"})
+
+
+class _Killer:
+    """A Ray driver on the app's cluster, connected before the test so that a kill is immediate."""
+
+    def __init__(self, address: str, timeout: float = 120.0):
+        import select
+        # a driver on the app's loopback-only node, with this machine's token (Ray enables token auth
+        # by itself only for address="auto")
+        env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+        self.log = Path(tempfile.mkdtemp(prefix="draggan-load-")) / "ray-driver.log"
+        with open(self.log, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-c", KILLER, address], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        deadline = time.time() + timeout
+        while True:  # Ray may print its own lines first
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.time()))
+            line = self.proc.stdout.readline() if ready else ""
+            if line.strip() == "ready":
+                break
+            if not line:
+                self.close()
+                raise RuntimeError(f"could not connect to Ray at {address}: "
+                                   f"{self.log.read_text(errors='replace')[-500:]}")
+
+    def _answer(self):
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the Ray driver of the fault test exited")
+            if line.startswith("["):
+                return json.loads(line)
+
+    def ask(self, line: str):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def fault_phase(url: str, ray_address: str, steps: int = 200, timeout: float = 300.0) -> dict:
+    out = {"errors": [], "steps": steps}
+    killer = None
+    try:
+        killer = _Killer(ray_address)
+        out["replicas_before"] = killer.ask("list")
+        clients = [new_client(url) for _ in FAULT_PLANS]
+        for c, plan in zip(clients, FAULT_PLANS):
+            prepare(c, plan)
+        runs: list[dict | None] = [None] * len(clients)
+
+        def follow(i):
+            try:
+                runs[i] = streamed_run(clients[i], steps, FAULT_PLANS[i]["w_mode"], timeout, stop_distance="0",
+                                       allow_warning=True)
+            except Exception as e:
+                runs[i] = {"error": f"{type(e).__name__}: {e}"}
+        threads = [threading.Thread(target=follow, args=(i,), daemon=True) for i in range(len(clients))]
+        for t in threads:
+            t.start()
+        t0 = time.time()
+        while True:  # the first run going on a known replica (the others are usually going too)
+            states = [debug(c) for c in clients]
+            if states[0]["running"] and states[0]["step"] >= 5 and (states[0].get("engine") or {}).get("replica"):
+                break
+            if time.time() - t0 > 120 or runs[0] is not None:
+                raise RuntimeError(f"the first run did not start, or ended before the kill: {states[0]}")
+            time.sleep(0.05)
+        victim = states[0]["engine"]["replica"]
+        on_victim = [i for i, d in enumerate(states)
+                     if d["running"] and (d.get("engine") or {}).get("replica") == victim]
+        t_kill = time.perf_counter()
+        out["killed"] = killer.ask(f"kill {victim}")
+        out["steps_at_kill"] = [d["step"] for d in states]
+        out["sessions_on_killed_replica"] = on_victim
+        for t in threads:
+            t.join(timeout)
+        out["message_after_kill_s"] = None
+        for i, r in enumerate(runs):
+            if r is None or "error" in r:
+                out["errors"].append(f"session {i}: {r}")
+        checks, model_path = [], None
+        from webui.state import resolve_model_path
+        model_path = str(resolve_model_path(debug(clients[0])["model"]))
+        for i, (c, plan, r) in enumerate(zip(clients, FAULT_PLANS, runs)):
+            if r is None or "error" in r:
+                continue
+            d = debug(c)
+            check = {"session": i, "on_killed_replica": i in on_victim, "status": r["status"], "step_after": d["step"]}
+            if i in on_victim:
+                check["one_line_warning"] = r["status"].startswith("⚠") and "\n" not in r["status"] and "lost" in r["status"]
+                check["message_after_kill_s"] = r["t_end"] - t_kill
+                if not check["one_line_warning"]:
+                    out["errors"].append(f"session {i}: no one-line 'lost' warning: {r['status']!r}")
+                rest = steps - d["step"]
+                t_resume = time.perf_counter()
+                again = streamed_run(c, rest, plan["w_mode"], timeout, stop_distance="0")
+                check["resumed_steps"] = rest
+                check["resume_first_frame_s"] = again["frames"][0][0] - t_resume if again["frames"] else None
+                d = debug(c)
+                check["resumed_on"] = (d.get("engine") or {}).get("replica")
+                if check["resumed_on"] == victim:
+                    out["errors"].append(f"session {i}: resumed on the killed replica")
+            latent = c.predict(api_name="/download_latent")
+            latent = np.load(latent[0] if isinstance(latent, (list, tuple)) else latent)
+            ref = reference_edit(model_path, plan, steps, stop_distance="0")
+            diff = float(np.abs(ref["latent"].reshape(latent.shape) - latent).max())
+            check.update(final_step=d["step"], alone_steps=ref["step"], max_abs_diff=diff,
+                         match=d["step"] == ref["step"] and diff <= TOLERANCE)
+            if not check["match"]:
+                out["errors"].append(f"session {i}: final latent differs from the edit alone ({diff:.2e}, "
+                                     f"steps {d['step']} vs {ref['step']})")
+            checks.append(check)
+        out["checks"] = checks
+        if not on_victim:
+            out["errors"].append("no session was on the killed replica")
+        t0 = time.time()
+        while len(killer.ask("list")) < len(out["replicas_before"]) and time.time() - t0 < 120:
+            time.sleep(1)
+        out["replicas_after"] = killer.ask("list")
+        out["replica_replaced_s"] = time.time() - t0
+    except Exception as e:
+        out["errors"].append(f"{type(e).__name__}: {e}")
+    finally:
+        if killer is not None:
+            killer.close()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# phase 6 (--engine ray): frames batched across runs, or not
+# ------------------------------------------------------------------------------------------------
+
+def batching_phase(sessions: int = 8, steps: int = 30, replicas: int = 2, rounds: int = 2,
+                   model: str | None = None) -> dict:
+    """8 runs at once on the engine deployment, frames batched vs one by one, alternating (A B B A)."""
+    import torch
+    from draggan_core.drag import DragConfig, DragSession
+    from draggan_core.engine import EndEvent, FrameEvent, StepEvent, export_run_state
+    from draggan_core.latents import seed_to_w
+    from draggan_core.models import ModelStore
+    from draggan_core.serve_engine import deploy, start_engine
+    from webui.state import resolve_model_path
+
+    torch.set_num_threads(1)
+    path = resolve_model_path(model)
+    m = ModelStore().get(path)
+    states = []
+    for i in range(sessions):
+        plan = edit_plan(i, m.G.img_resolution)
+        cfg = DragConfig(display_every=0, stop_distance=0, w_mode=plan["w_mode"].lower())
+        s = DragSession(m.G, seed_to_w(m.G, plan["seed"], psi=plan["psi"]), cfg, model_defaults=m.drag_defaults)
+        for hx, hy, tx, ty in plan["pairs"]:
+            s.add_pair((hx, hy), (tx, ty))
+        states.append(export_run_state(s, str(path)))
+    engines = {"batched": start_engine(replicas=replicas, batch_frames=True, app_name="lt-batched",
+                                       num_cpus=2 * replicas, log=log)}
+    engines["unbatched"] = deploy(replicas=replicas, batch_frames=False, app_name="lt-unbatched")
+    totals = {k: {"steps": 0, "frames": 0, "wall_s": 0.0, "batch_sizes": [], "rounds": []} for k in engines}
+    try:
+        order = []
+        for r in range(rounds):
+            order += ["batched", "unbatched"] if r % 2 == 0 else ["unbatched", "batched"]
+        for name in order:
+            counts = [[0, 0, []] for _ in range(sessions)]
+            errors = []
+
+            def one(i):
+                try:
+                    for ev in engines[name].run(states[i], steps, display_every=1):
+                        if isinstance(ev, StepEvent):  # optimisation steps (the last event only tracks)
+                            counts[i][0] = ev.result.step - states[i].step_count
+                        elif isinstance(ev, FrameEvent):
+                            counts[i][1] += 1
+                            counts[i][2].append(ev.batch_size)
+                        elif isinstance(ev, EndEvent) and ev.reason in ("lost", "error"):
+                            errors.append(ev.message)
+                except Exception as e:
+                    errors.append(f"{type(e).__name__}: {e}")
+            threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(sessions)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(600)
+            wall = time.perf_counter() - t0
+            n_steps, n_frames = sum(c[0] for c in counts), sum(c[1] for c in counts)
+            tot = totals[name]
+            tot["steps"] += n_steps
+            tot["frames"] += n_frames
+            tot["wall_s"] += wall
+            tot["batch_sizes"] += [b for c in counts for b in c[2]]
+            tot["rounds"].append({"steps_per_s": n_steps / wall, "frames_per_s": n_frames / wall, "errors": errors})
+            log(f"batching phase: {name}: {n_steps} steps, {n_frames} frames in {wall:.1f} s")
+    finally:
+        engines["batched"].close()
+    out = {"sessions": sessions, "steps_per_run": steps, "replicas": replicas, "order": order}
+    for name, tot in totals.items():
+        sizes = tot.pop("batch_sizes")
+        out[name] = {**tot, "steps_per_s": tot["steps"] / tot["wall_s"], "frames_per_s": tot["frames"] / tot["wall_s"],
+                     "mean_frame_batch": float(np.mean(sizes)) if sizes else None}
+    out["errors"] = [e for tot in totals.values() for r in tot["rounds"] for e in r["errors"]]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
 
@@ -581,7 +836,7 @@ def human(report: dict) -> str:
                   f"  cross-talk: {'all latents match' if r['crosstalk']['all_match'] else 'MISMATCH'} "
                   f"(max |diff| {max([c['max_abs_diff'] for c in r['crosstalk']['checks']] or [float('nan')]):.2e}, "
                   f"tolerance {TOLERANCE:g})",
-                  f"  server RSS: {r['server_rss_mb']['before']} -> {r['server_rss_mb']['after']} MB",
+                  f"  server RSS: {r['server_rss_mb']['before']} -> {r['server_rss_mb']['after']} MB; served by {r.get('served_by')}",
                   f"  errors: {r['errors'] or 'none'}"]
     if "stop" in report:
         s = report["stop"]
@@ -601,13 +856,36 @@ def human(report: dict) -> str:
                      f"{m.get('first', 0):.0f} -> {m.get('after_warmup', 0):.0f} (after 10) -> {m.get('last', 0):.0f} MB, "
                      f"max {m.get('max', 0):.0f}, slope {m.get('slope_mb_per_edit', 0):+.3f} MB/edit; "
                      f"errors: {c['errors'] or 'none'}")
+    if "fault" in report:
+        f = report["fault"]
+        for c in f.get("checks", []):
+            extra = (f", warning after {c['message_after_kill_s']:.2f} s: {c['status']!r}, resumed {c['resumed_steps']} steps "
+                     f"on replica {c['resumed_on']} (first frame {c['resume_first_frame_s'] or float('nan'):.2f} s)"
+                     if c["on_killed_replica"] else "")
+            lines.append(f"fault: session {c['session']} {'ON the killed replica' if c['on_killed_replica'] else 'elsewhere'}"
+                         f"{extra}; final step {c['final_step']} (alone {c['alone_steps']}), max |diff| {c['max_abs_diff']:.2e} "
+                         f"-> {'match' if c['match'] else 'MISMATCH'}")
+        lines.append(f"fault: killed {f.get('killed')} at steps {f.get('steps_at_kill')}; replicas "
+                     f"{len(f.get('replicas_before', []))} -> {len(f.get('replicas_after', []))} "
+                     f"(replaced within {f.get('replica_replaced_s', float('nan')):.1f} s); errors: {f['errors'] or 'none'}")
+    if "batching" in report:
+        b = report["batching"]
+        for name in ("batched", "unbatched"):
+            if name in b:
+                r = b[name]
+                lines.append(f"frames {name:9s}: {b['sessions']} runs x {b['steps_per_run']} steps on {b['replicas']} replicas: "
+                             f"{r['steps_per_s']:.2f} steps/s, {r['frames_per_s']:.2f} frames/s total "
+                             f"(mean frame batch {r['mean_frame_batch'] or 0:.2f}; per round "
+                             f"{[(round(x['steps_per_s'], 2), round(x['frames_per_s'], 2)) for x in r['rounds']]})")
+        lines.append(f"batching: order {b['order']}; errors: {b['errors'] or 'none'}")
     if report.get("server"):
         lines.append(f"server: {report['server']}")
     return "\n".join(lines)
 
 
 def run_all(url: str, sessions: int, steps: int, pid: int | None, stop_trials: int = 3, disconnect: bool = True,
-            consecutive: int = 0, consecutive_steps: int = 10, verify: bool = True, timeout: float = 600.0) -> dict:
+            consecutive: int = 0, consecutive_steps: int = 10, verify: bool = True, timeout: float = 600.0,
+            ray_address: str | None = None) -> dict:
     report = {"url": url, "server_pid": pid, "machine": f"{os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}"}
     if sessions > 0:
         log("phase: concurrent")
@@ -621,6 +899,9 @@ def run_all(url: str, sessions: int, steps: int, pid: int | None, stop_trials: i
     if consecutive > 0:
         log("phase: consecutive")
         report["consecutive"] = consecutive_phase(url, consecutive, consecutive_steps, pid)
+    if ray_address:
+        log("phase: fault (a replica killed mid-run)")
+        report["fault"] = fault_phase(url, ray_address)
     report["ok"] = ok(report)
     return report
 
@@ -637,6 +918,9 @@ def ok(report: dict) -> bool:
         good &= report["disconnect"]["stopped"] and not report["disconnect"]["errors"]
     if "consecutive" in report:
         good &= not report["consecutive"]["errors"]
+    for phase in ("fault", "batching"):
+        if phase in report:
+            good &= not report[phase]["errors"]
     return bool(good)
 
 
@@ -655,22 +939,38 @@ def main(argv=None) -> int:
     p.add_argument("--consecutive-steps", type=int, default=10)
     p.add_argument("--timeout", type=float, default=600.0, help="per-phase time limit, seconds")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--report", default=None, metavar="PATH", help="also write the JSON report to PATH")
+    ray = p.add_argument_group("Ray Serve engine (requirements-serve.txt)")
+    ray.add_argument("--engine", choices=("local", "ray"), default="local",
+                     help="the started server's engine: in-process (default) or `--engine ray`")
+    ray.add_argument("--replicas", type=int, default=2, help="engine replicas of a started ray server")
+    ray.add_argument("--ray-address", default=None, help="with --url: the app's Ray (GCS address) for the fault phase")
+    ray.add_argument("--no-fault", action="store_true", help="skip killing a replica mid-run")
+    ray.add_argument("--no-batching", action="store_true", help="skip the frames batched vs one-by-one comparison")
+    ray.add_argument("--batching-steps", type=int, default=30, help="steps per run in the batching comparison")
     args = p.parse_args(argv)
     if not (0 <= args.sessions <= 64 and 1 <= args.steps <= 2000 and 0 <= args.consecutive <= 1000):
         p.error("sessions 0-64, steps 1-2000, consecutive 0-1000")
 
     server = None
+    ray_address = args.ray_address
     if args.url:
         check_loopback(args.url)
         url = args.url if args.url.endswith("/") else args.url + "/"
         pid = pid_listening_on(urllib.parse.urlparse(url).port or 80)
     else:
-        server = Server(model=args.model)
+        engine_args = ["--engine", "ray", "--replicas", str(args.replicas)] if args.engine == "ray" else []
+        server = Server(model=args.model, engine_args=engine_args, timeout=300.0 if engine_args else 180.0)
         url, pid = server.url, server.pid
+        if args.engine == "ray":
+            ray_address = server.ray_address()
     try:
         report = run_all(url, args.sessions, args.steps, pid, stop_trials=args.stop_trials,
                          disconnect=not args.no_disconnect, consecutive=args.consecutive,
-                         consecutive_steps=args.consecutive_steps, verify=not args.no_verify, timeout=args.timeout)
+                         consecutive_steps=args.consecutive_steps, verify=not args.no_verify, timeout=args.timeout,
+                         ray_address=None if args.no_fault or args.engine != "ray" and not args.ray_address
+                         else ray_address)
+        report["engine"] = args.engine
         if server is not None:
             report["server"] = {"log": str(server.log), "tracebacks_in_log": server.tracebacks()}
             if server.tracebacks():
@@ -678,6 +978,15 @@ def main(argv=None) -> int:
     finally:
         if server is not None:
             server.stop()
+    if args.engine == "ray" and not args.no_batching and args.sessions > 0:
+        log("phase: batching (frames batched across runs vs one by one, straight on the engine)")
+        try:
+            report["batching"] = batching_phase(args.sessions, args.batching_steps, args.replicas, model=args.model)
+        except Exception as e:
+            report["batching"] = {"errors": [f"{type(e).__name__}: {e}"]}
+        report["ok"] = ok(report) and report.get("ok", True)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=1, default=str))
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     else:

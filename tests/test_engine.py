@@ -235,9 +235,11 @@ def test_a_lost_engine_leaves_the_session_at_the_last_step_received(model):
     _same_edit(_uninterrupted(model), s)
 
 
-def test_engine_module_does_not_import_ray():
+def test_the_default_app_does_not_import_ray():
+    """`python app.py` (in-process engine) stays free of Ray: the engine protocol, the UI, the launcher."""
     import subprocess
     import sys
-    code = "import sys, draggan_core.engine; print('ray' in sys.modules)"
+    code = ("import sys, draggan_core.engine, webui.launcher, webui.app; "
+            "webui.launcher.parse_args([]); print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -24,6 +24,7 @@ from draggan_core.registry import DownloadError, download, list_models  # noqa: 
 from .state import (STORE, EDITOR_SIZE, EditorState, UIError, editor_alpha, env_max_steps,  # noqa: E402
                     model_choices, resolve_model_path)
 from .launcher import set_torch_threads  # noqa: E402
+from . import state as editor_state  # noqa: E402  (its ENGINE is set before the UI is built)
 
 MAX_UPLOAD = "20mb"
 # Mask layers are decoded by gradio (PIL) before any handler runs; a tiny PNG can declare 9000x9000
@@ -501,7 +502,10 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
 
         # ------------------------------------------------------------------ run / stop
         run_inputs = [state, max_steps, lr, r1, r2, lam, stop_d, tracking, w_mode, display_every]
-        run_event = start_btn.click(app.run, run_inputs, [*VIEW, editor], api_name="run", **quiet)
+        # an engine elsewhere (Ray Serve) takes more runs at once than this process's CPU share allows
+        run_limit = getattr(editor_state.ENGINE, "concurrent_runs", None) or "default"
+        run_event = start_btn.click(app.run, run_inputs, [*VIEW, editor], api_name="run",
+                                    concurrency_limit=run_limit, **quiet)
         stop_btn.click(app.stop, [state], [*VIEW, editor], cancels=[run_event], api_name="stop", **quiet)
 
         # ------------------------------------------------------------------ export

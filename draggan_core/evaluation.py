@@ -187,7 +187,7 @@ def evaluate(G, detector: Callable[[np.ndarray], Detection], cfg: EvalConfig,
         lm_a = clamp_points(det.points[0].numpy()[idx], res)
         lm_b = clamp_points(det.points[1].numpy()[idx], res)
         # sub-pixel points (the engine accepts them); rounding to pixels alone would leave ~0.5 px of
-        # error at 64 px, 15 % of the typical distance (see the README's quality section)
+        # error at 64 px, 15 % of the typical distance (docs/evaluation.md)
         handles, targets = (np.rint(lm_a), np.rint(lm_b)) if cfg.round_points else (lm_a, lm_b)
         runs = {"": None}
         if cfg.mask:

@@ -131,7 +131,7 @@ class LandmarkDetector:
         self.meta = dict(meta or {})
         self.names = list(net.cfg.landmark_names)
         # test-time augmentation: also detect on the mirrored image (left/right landmarks swapped) and
-        # average; halves the random part of the error (measured in the README's quality section)
+        # average; halves the random part of the error (measured in docs/evaluation.md)
         self.flip = flip
         self.mirror = [self.names.index(_mirror_name(n)) for n in self.names]
         # ... and on copies shifted by one pixel in the 8 directions: the heatmaps have stride 4, so

@@ -15,7 +15,7 @@ from .networks import Generator
 from .paths import CHECKPOINTS_DIR
 
 # the ~6 h CPU recipe with a squared error on the face parts: the only model meeting every bar of the
-# embedded-model issue (checkpoints/README.md); the L1 model embedded-faces64.safetensors is opt-in
+# embedded models' quality bars (checkpoints/README.md); the L1 model embedded-faces64.safetensors is opt-in
 DEFAULT_MODEL_NAME = "embedded-faces64-parts.safetensors"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pkl", ".pt", ".pth")
 

@@ -96,6 +96,8 @@ def test_a_known_model_name_is_downloaded_verified_and_opened(tmp_path, model_se
         text = log.read_text()
         assert "downloading test-faces64" in text and "test-faces64.safetensors (64 px)" in text, text
         assert hashlib.sha256((downloads / "test-faces64.safetensors").read_bytes()).hexdigest() == model_server["sha256"]
+        # the console names our --share option, not gradio's `share=True` in `launch()`
+        assert "share=True" not in text and "python app.py --share" in text, text
     finally:
         proc.terminate()
         proc.wait(20)

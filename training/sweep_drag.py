@@ -8,7 +8,7 @@ detected landmark, target 5-20 % of the image away; seeds disjoint from the mode
 where the landmark detector finds the dragged landmark afterwards (not by the engine's own tracked
 handle, which can claim success on a blurry model while the content stays put).
 `--protocol landmarks`: the paper's landmark-transfer protocol (draggan_core.evaluation) on the
-*validation* split of pairs, disjoint from the test split the README reports; scored by MD after.
+*validation* split of pairs, disjoint from the test split docs/evaluation.md reports; scored by MD after.
 `--set key=value` fixes a setting for every row (e.g. --set subpixel=true); `--mask-set key=value`
 one of the settings used only while a mask is set (the `mask` dict of the drag defaults, docs/masks.md).
 """

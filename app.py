@@ -1,5 +1,6 @@
 """Launch the DragGAN web UI: python app.py [--model M] [--device auto|cpu|cuda|mps] [--host H]
-[--port P] [--share].
+[--port P] [--share] [--engine local|ray [--ray-address ADDR] [--replicas N] [--gpus-per-replica G]]
+(--engine ray: drags run on a Ray Serve deployment, docs/serving.md).
 
 Also a Gradio Space entry point: this module exposes `demo`. Environment: PORT (default port),
 DRAGGAN_MODEL (checkpoint), DRAGGAN_DEVICE (device), DRAGGAN_MAX_STEPS (upper bound on steps per run),

@@ -238,8 +238,8 @@ class RayEngine(Engine):
                 try:
                     for ev in gen:
                         received += 1
-                        if isinstance(ev, StepEvent):
-                            last_step = ev.result.step
+                        if isinstance(ev, StateEvent):  # what the caller's session holds from now on
+                            last_step = (ev.state or ev.progress).step_count
                         yield ev
                         if isinstance(ev, EndEvent) or cancel.is_set():
                             return

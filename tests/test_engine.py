@@ -210,8 +210,10 @@ class _CopyingEngine(LocalEngine):
                 yield e
                 if isinstance(e, StepEvent):
                     n += 1
-                    if self.fail_after is not None and n >= self.fail_after:
-                        raise ConnectionError("engine process died")
+                    if self.fail_after is not None and n >= self.fail_after:  # as RayEngine reports it
+                        yield EndEvent("lost", e.result.step, f"the engine serving this run was lost at step "
+                                       f"{e.result.step}: the edit is kept at that step - press Start to continue")
+                        return
         return RunHandle(events(), on_cancel=inner.cancel)
 
 
@@ -225,10 +227,10 @@ def test_a_session_following_a_remote_run_ends_at_the_same_edit(model):
 def test_a_lost_engine_leaves_the_session_at_the_last_step_received(model):
     s = _session(model)
     steps_seen = []
-    with pytest.raises(ConnectionError):
-        for e in _CopyingEngine(fail_after=4, store=ModelStore()).run_session(s, str(default_model_path()), STEPS):
-            if isinstance(e, StepEvent):
-                steps_seen.append(e.result.step)
+    for e in _CopyingEngine(fail_after=4, store=ModelStore()).run_session(s, str(default_model_path()), STEPS):
+        if isinstance(e, StepEvent):
+            steps_seen.append(e.result.step)
+    assert isinstance(e, EndEvent) and e.reason == "lost"
     assert steps_seen[-1] == 4 and s.step_count == 4
     for _ in s.run(max_steps=STEPS - 4):  # nothing lost: resuming gives the uninterrupted edit
         pass
@@ -243,3 +245,29 @@ def test_the_default_app_does_not_import_ray():
             "webui.launcher.parse_args([]); print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_editor_says_in_one_line_when_its_engine_is_lost_and_resumes(model):
+    """EditorState.run_stream on an engine that disappears after 4 steps: one-line warning, the edit
+    kept at step 4, and the next Start (on a working engine) ends on the uninterrupted edit."""
+    from webui import state as ws
+    st = ws.EditorState.create(default_model_path(), seed=5)
+    st.add_pair(20, 40, 27, 44)
+    st.configure(max_steps=STEPS, stop_distance=0.1)
+    previous = ws.ENGINE
+    try:
+        ws.set_engine(_CopyingEngine(fail_after=4, store=ModelStore()))
+        updates = list(st.run_stream(STEPS))
+        last = updates[-1]
+        assert last.final and last.warning and "\n" not in last.status and "lost at step 4" in last.status
+        assert st.session.step_count == 4 and not st.running
+        ws.set_engine(_CopyingEngine(store=ModelStore()))
+        updates = list(st.run_stream(STEPS - 4))
+        assert updates[-1].final and not updates[-1].warning
+    finally:
+        ws.set_engine(previous)
+    alone = ws.EditorState.create(default_model_path(), seed=5)  # the same edit in one go, in-process
+    alone.add_pair(20, 40, 27, 44)
+    alone.configure(max_steps=STEPS, stop_distance=0.1)
+    list(alone.run_stream(STEPS))
+    _same_edit(alone.session, st.session)

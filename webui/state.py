@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ EDITOR_SIZE = 256             # mask canvas size (editor pixels)
 MAX_FRAMES = 300              # trajectory frames kept for the GIF
 GIF_SIZE = 256                # trajectory frames (and the GIF) are at most this size, at least upscaled to it
 MAX_POINT_PAIRS = 32
-FRAME_INTERVAL = 0.125        # at most ~8 streamed frames per second
+FRAME_INTERVAL = 0.1          # at most 10 streamed frames per second
 STATUS_INTERVAL = 0.5         # without a new frame, the status still updates this often
 JPEG_FROM_RESOLUTION = 256    # larger models stream JPEG frames (2 ms to encode at 512 px, PNG ~60 ms)
 JPEG_QUALITY = 92
@@ -127,6 +128,7 @@ class EditorState:
     show_mask: bool = True
     mask_painted: int = 0                       # painted pixels in the editor (for the readout)
     mask_paint_fixed: bool = False              # the brush painted the fixed region (mask = the rest)
+    _cancel_run: bool = False                   # the streaming caller went away (gradio's cancel)
     image: np.ndarray | None = None             # current image at model resolution
     frames: list = field(default_factory=list)  # trajectory (model resolution)
     running: bool = False
@@ -514,18 +516,50 @@ class EditorState:
         if self.resolution < JPEG_FROM_RESOLUTION:
             return shown
         self._frame_counter = getattr(self, "_frame_counter", 0) + 1
-        path = self.workdir() / f"frame-{self._frame_counter % 4}.jpg"  # gradio copies it before the next one
+        # gradio copies a frame right after it is taken; 8 names outlast the newest-only hand-over
+        path = self.workdir() / f"frame-{self._frame_counter % 8}.jpg"
         Image.fromarray(shown).save(path, "JPEG", quality=JPEG_QUALITY)
         return str(path)
 
     def run_stream(self, steps: int, display_every: int = 1):
-        """Run the drag, yielding `RunUpdate`s: a frame whenever the background renderer has a newer
-        one (at most every FRAME_INTERVAL), else the status every STATUS_INTERVAL. Optimisation never
-        waits for a preview. The last update shows `render(final latent)` exactly; Stop (the flag,
-        or closing this generator) leaves that to `stop_view`."""
+        """Run the drag in a thread of its own and yield its newest `RunUpdate` whenever the caller
+        (gradio, sending the previous one to the browser) asks: neither the previews nor the sending
+        of updates hold the optimisation back, and a slow browser gets the newest update, never a
+        queue of stale ones. Final updates are always delivered. Closing this generator (gradio's
+        cancel) stops the run at its next step; like Stop, it leaves the final image to `stop_view`."""
+        slot = _UpdateSlot()
+        self._cancel_run = False
+        self.running, self.stop_requested = True, False
+
+        def drive():
+            try:
+                for update in self._run_updates(steps, display_every):
+                    slot.put(update)
+            except BaseException as e:  # handed to the caller's thread, raised there
+                slot.finish(e)
+            else:
+                slot.finish()
+
+        worker = threading.Thread(target=drive, name="draggan-run", daemon=True)
+        worker.start()
+        try:
+            while True:
+                updates, error = slot.take()
+                yield from updates
+                if error is not None:
+                    raise error
+                if not updates:  # finished and emptied
+                    return
+        finally:
+            self._cancel_run = True
+            worker.join()
+
+    def _run_updates(self, steps: int, display_every: int = 1):
+        """The run itself (in `run_stream`'s thread): a frame whenever the background renderer has a
+        newer one (at most every FRAME_INTERVAL), else the status every STATUS_INTERVAL; the last
+        update shows `render(final latent)` exactly; Stop leaves that to `stop_view`."""
         s = self.session
         first_step = s.step_count
-        self.running, self.stop_requested = True, False
         self.pending = None
         result = end = newest = None
         shown_step = first_step
@@ -549,7 +583,7 @@ class EditorState:
                     continue
                 result = event.result
                 self.last_distances = result.distances
-                if self.stop_requested:
+                if self.stop_requested or self._cancel_run:
                     break
                 if result.done:
                     continue  # the end event follows
@@ -563,14 +597,17 @@ class EditorState:
                     image = self.frame_output() if first else None  # first answer: moved markers
                 else:
                     continue
+                # the interval counts from this decision, not from when gradio has sent the update, so
+                # frames come every FRAME_INTERVAL (8 per second) when renders keep up
+                last_yield = now
                 yield RunUpdate(image, self.points_text(), self.status_text(result, steps, first_step, "running"))
-                last_yield = time.perf_counter()
         finally:
             run.close()
             self.running = False
         if end is not None and end.engine:
             self.last_engine = dict(end.engine)
-        if end is not None and end.reason in ("lost", "error") and not self.stop_requested:
+        stopped = self.stop_requested or self._cancel_run  # the stop handler shows the exact image
+        if end is not None and end.reason in ("lost", "error") and not stopped:
             self.record_frame(s.render())  # the last state streamed back, exactly
             self.last_status = end.message
             yield RunUpdate(self.frame_output(), self.points_text(), end.message, final=True, warning=True)
@@ -578,7 +615,7 @@ class EditorState:
         if result is None:
             yield RunUpdate(None, self.points_text(), "nothing to do", final=True)
             return
-        if self.stop_requested:
+        if stopped:
             return
         self.record_frame(result.image if result.image is not None else s.render())
         if result.message:  # divergence: the session rolled back to the last good latent
@@ -651,6 +688,41 @@ class EditorState:
         path = d / "recipe.json"
         path.write_text(recipe.to_json())
         return [path] + files
+
+
+class _UpdateSlot:
+    """Hands a running drag's updates to the thread that sends them: the newest pending progress
+    update replaces an older one; final updates are kept in order."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._progress: RunUpdate | None = None
+        self._finals: list[RunUpdate] = []
+        self._done = False
+        self._error: BaseException | None = None
+
+    def put(self, update: "RunUpdate") -> None:
+        with self._cv:
+            if update.final:
+                self._finals.append(update)
+            else:
+                self._progress = update
+            self._cv.notify()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        with self._cv:
+            self._done, self._error = True, error
+            self._cv.notify()
+
+    def take(self) -> tuple[list["RunUpdate"], BaseException | None]:
+        """Wait for news: (updates, error); ([], None) once the run has finished and all was taken."""
+        with self._cv:
+            while self._progress is None and not self._finals and not self._done:
+                self._cv.wait()
+            updates = ([self._progress] if self._progress is not None else []) + self._finals
+            self._progress, self._finals = None, []
+            error, self._error = self._error, None
+            return updates, error
 
 
 @dataclass

@@ -19,8 +19,9 @@ Reported (each edit weighs equally: per-pair means, then the mean over pairs):
   pixel_change  mean |edited - initial| over all pixels (0..255 units)
   md_before_512 / md_after_512  the MDs scaled to a 512 px image (the paper's units), for comparison
 With `mask=True` every pair is dragged twice, without and with a mask (a disc around each handle and
-its target, see `flexible_mask`), and `outside_change_nomask` / `outside_change_mask` give the mean
-absolute pixel change (0..255) outside that mask, i.e. how well the rest of the image is kept.
+its target, see `flexible_mask`; the masked drag uses the model's mask settings, docs/masks.md), and
+`outside_change_nomask` / `outside_change_mask` give the mean absolute pixel change (0..255) outside
+that mask, i.e. how well the rest of the image is kept.
 
 Seeds: the "val" split draws pair seeds from [0, 10000) (use it for sweeps), "test" from
 [10000, 20000) (use it for reported numbers); the two never overlap.

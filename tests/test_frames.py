@@ -255,3 +255,22 @@ def test_the_mask_canvas_follows_the_image_when_a_run_ends(editor):
     assert painted[140, 100] and not painted[20, 20]
     editor.set_mask_from_layer(canvas["layers"][0][..., 3])  # the canvas round-trips to the same mask
     assert editor.mask_array()[35, 25] and not editor.mask_array()[5, 5]
+
+
+def test_mask_messages_reach_the_status(editor):
+    """An all-fixed mask is ignored and a point in the fixed region works against the mask: the
+    status says so (a warning), an ordinary mask just reports the update."""
+    from webui.app import App
+    app = App(default_model_path())
+    everything = {"background": None, "layers": [np.full((256, 256, 4), 255, np.uint8)], "composite": None}
+    status = app.set_mask(editor, everything, "fixed", True)[2]
+    assert status.startswith("⚠") and "ignored" in status, status
+    assert editor.session.mask is None or not editor.session.mask_active
+    corner = np.zeros((256, 256, 4), np.uint8)
+    corner[:64, :64] = 255  # flexible: the top-left corner only; the pair (20,40)->(27,44) is outside it
+    status = app.set_mask(editor, {"background": None, "layers": [corner], "composite": None}, "flexible", True)[2]
+    assert status.startswith("⚠") and "fixed region" in status, status
+    middle = np.zeros((256, 256, 4), np.uint8)
+    middle[100:200, 60:140] = 255  # covers the pair
+    status = app.set_mask(editor, {"background": None, "layers": [middle], "composite": None}, "flexible", True)[2]
+    assert status == "mask updated", status

@@ -218,11 +218,12 @@ def test_mask_layers_in_other_modes(ui_server, tmp_path):
     for mode in hostile.MASK_IMAGE_MODES:
         out = c.predict(_mask_value(tmp_path, f"layer_{mode.replace(';', '')}.png", hostile.image_bytes(mode)),
                         "flexible", True, api_name="/set_mask")
-        assert out[2] == "mask updated", (mode, out)
         if mode in ("LA", "RGBA"):
+            assert out[2] == "mask updated", (mode, out)
             assert "bbox x 25-34, y 15-49" in out[1], (mode, out)  # editor box x 100-140, y 60-200 -> /4
-        else:
+        else:  # all flexible: a defined mask that constrains nothing, and the user is told so
             assert out[1].startswith(f"mask: {64 * 64} of {64 * 64} px flexible"), (mode, out)
+            assert out[2].startswith("⚠") and "whole image" in out[2], (mode, out)
 
 
 def test_odd_sized_layer(ui_server, tmp_path):

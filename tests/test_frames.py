@@ -274,3 +274,25 @@ def test_mask_messages_reach_the_status(editor):
     middle[100:200, 60:140] = 255  # covers the pair
     status = app.set_mask(editor, {"background": None, "layers": [middle], "composite": None}, "flexible", True)[2]
     assert status == "mask updated", status
+
+
+def test_the_canvas_coming_back_after_a_run_keeps_the_runs_status(editor):
+    """After a run the app replaces the mask canvas; its change event must not overwrite the run's
+    final status nor swap the image again (a second swap could swallow the user's next click)."""
+    from webui.app import App
+    app = App(default_model_path())
+    alpha = np.zeros((256, 256), np.uint8)
+    alpha[100:180, 60:140] = 255
+    editor.set_mask_from_layer(alpha)
+    outs = list(app.run(editor, 3, "", "", "", "", "0.1", "default", "model default", 1))
+    canvas_value = outs[-1][4]
+    image, info, status, _ = app.sync_mask(editor, canvas_value, "flexible", True)
+    import gradio as gr
+    assert image == gr.skip() and status == gr.skip()  # both left alone
+    # a real change on the canvas still applies
+    alpha2 = np.zeros((256, 256, 4), np.uint8)
+    alpha2[20:60, 20:60] = 255
+    _, info2, status2, _ = app.sync_mask(editor, {"background": None, "layers": [alpha2], "composite": None},
+                                         "flexible", True)
+    assert status2.startswith("⚠") or status2 == "mask updated"
+    assert editor.mask_array()[10, 10] and not editor.mask_array()[40, 30]

@@ -16,6 +16,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 
 from draggan_core.models import CHECKPOINTS_DIR  # noqa: E402
@@ -63,6 +64,18 @@ def _log_unexpected(e: BaseException) -> str:
 def _warn(msg: str) -> str:
     gr.Warning(msg)
     return f"⚠ {msg}"
+
+
+def _mask_of(st: EditorState, value, mode):
+    """The flexible-region mask a canvas value would give, without applying it."""
+    alpha = editor_alpha(value)
+    if alpha is None or not (alpha > 0).any():
+        return None
+    return st.flexible_from_layer(alpha, paint_fixed=(mode == "fixed"))
+
+
+def _same(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
 def view_handler(fn):
@@ -245,6 +258,19 @@ class App:
             return gr.skip(), gr.skip(), _warn(str(e)), st
         except Exception as e:
             return gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st
+
+    def sync_mask(self, st, value, mode, show):
+        """The mask canvas changed (painted, or replaced by the app after a run): apply it, but when
+        the mask is the same as before, leave the image and the status alone (a run's final status
+        stays, and no extra image swap can swallow the user's next click)."""
+        if isinstance(st, EditorState) and not st.running:
+            try:
+                same_mask = _same(st.mask_array(), _mask_of(st, value, mode))
+            except UIError:
+                same_mask = False
+            if same_mask and bool(show) == st.show_mask:
+                return gr.skip(), gr.skip(), gr.skip(), st
+        return self.set_mask(st, value, mode, show)
 
     def clear_mask(self, st):
         try:
@@ -503,7 +529,7 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
         # ------------------------------------------------------------------ mask
         mask_inputs, mask_outputs = [state, editor, mask_mode, show_mask], [canvas, mask_info, status_box, state]
         apply_mask_btn.click(app.set_mask, mask_inputs, mask_outputs, api_name="set_mask", **quiet)
-        editor.change(app.set_mask, mask_inputs, mask_outputs, api_visibility="private", trigger_mode="always_last",
+        editor.change(app.sync_mask, mask_inputs, mask_outputs, api_visibility="private", trigger_mode="always_last",
                       **quiet)
         mask_mode.change(app.set_mask, mask_inputs, mask_outputs, api_visibility="private", **quiet)
         clear_mask_btn.click(app.clear_mask, [state], [*mask_outputs, editor], api_name="clear_mask", **quiet)

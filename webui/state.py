@@ -353,19 +353,23 @@ class EditorState:
             self.session.set_mask(None)
             self.mask_painted = 0
             return
-        a = (np.asarray(alpha) > 0)
-        if a.ndim != 2:
-            raise UIError(f"mask must be a 2-D image, got shape {a.shape}")
-        self.mask_painted = int(a.sum())
-        res = self.resolution
-        small = Image.fromarray(a.astype(np.uint8) * 255).resize((res, res), Image.BOX)
-        m = np.asarray(small, dtype=np.float32) / 255.0 >= 0.3
-        flexible = ~m if paint_fixed else m
+        flexible = self.flexible_from_layer(alpha, paint_fixed)
+        self.mask_painted = int((np.asarray(alpha) > 0).sum())
         self.mask_paint_fixed = bool(paint_fixed)
         try:
             self.session.set_mask(flexible.astype(np.float32))
         except DragError as e:
             raise UIError(str(e)) from None
+
+    def flexible_from_layer(self, alpha: np.ndarray, paint_fixed: bool = False) -> np.ndarray:
+        """The model-resolution flexible region (bool) that a painted layer's alpha stands for."""
+        a = (np.asarray(alpha) > 0)
+        if a.ndim != 2:
+            raise UIError(f"mask must be a 2-D image, got shape {a.shape}")
+        res = self.resolution
+        small = Image.fromarray(a.astype(np.uint8) * 255).resize((res, res), Image.BOX)
+        m = np.asarray(small, dtype=np.float32) / 255.0 >= 0.3
+        return ~m if paint_fixed else m
 
     def mask_array(self) -> np.ndarray | None:
         m = self.session.mask

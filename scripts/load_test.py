@@ -85,12 +85,13 @@ def free_port() -> int:
     return port
 
 
-def rss_mb(pid: int | None) -> float | None:
+def rss_mb(pid: int | None, key: str = "VmRSS") -> float | None:
+    """Resident memory of a process now (VmRSS) or at its peak (VmHWM), in MB."""
     if not pid:
         return None
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +32,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-STEP_RE = re.compile(r"step (\d+)")
+from draggan_core.cli_bench import _cpu_name as cpu_name  # noqa: E402
+from load_test import STEP_RE, free_port, rss_mb  # noqa: E402  (scripts/ is this script's folder)
+
 
 
 def ffhq_config(res: int):
@@ -89,12 +89,6 @@ def pair_for(res: int):
     return (round(res * 0.45), round(res * 0.55)), (round(res * 0.55), round(res * 0.62))
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def start_app(path: Path, device: str, log: Path, threads: int | None, app_dir: Path = REPO):
@@ -122,14 +116,6 @@ def start_app(path: Path, device: str, log: Path, threads: int | None, app_dir: 
     return proc, url, time.perf_counter() - t0
 
 
-def peak_rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def image_changed(a: np.ndarray | None, b: np.ndarray, ignore: tuple[int, int, int, int]) -> bool:
@@ -191,14 +177,6 @@ def drive(url: str, res: int, steps: int) -> dict:
     }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
@@ -232,7 +210,7 @@ def main(argv=None) -> int:
                                        args.app_dir.resolve())
         try:
             ui = drive(url, res, args.steps)
-            rss = peak_rss_mb(proc.pid)
+            rss = rss_mb(proc.pid, key="VmHWM")
         finally:
             proc.terminate()
             try:

@@ -22,9 +22,8 @@ import PIL.Image  # noqa: E402
 from draggan_core.models import CHECKPOINTS_DIR  # noqa: E402
 from draggan_core.registry import DownloadError, download, list_models  # noqa: E402
 
-from .state import (STORE, EDITOR_SIZE, EditorState, UIError, editor_alpha, env_max_steps,  # noqa: E402
+from .state import (EDITOR_SIZE, EditorState, UIError, editor_alpha, env_max_steps,  # noqa: E402
                     model_choices, resolve_model_path)
-from .launcher import set_torch_threads  # noqa: E402
 from . import state as editor_state  # noqa: E402  (its ENGINE is set before the UI is built)
 
 MAX_UPLOAD = "20mb"
@@ -562,8 +561,7 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
 # ---------------------------------------------------------------------------------------------
 
 def launch(demo: gr.Blocks, host: str, port: int, share: bool = False, info: str = ""):
-    set_torch_threads()
-    STORE.get(demo.draggan_model_path)  # load once before the first visitor
+    """Serve a demo that `launcher.prepare` built (device, threads and model are set up there)."""
     # quiet: gradio's own banner suggests `share=True` in `launch()`, which users set with --share here
     _, local_url, share_url = demo.launch(server_name=host, server_port=port, share=share,
                                           max_file_size=MAX_UPLOAD, prevent_thread_lock=True, css=CSS,

@@ -46,6 +46,7 @@ class DragConfig:
     lambda_mask: float | None = None   # weight of the keep-outside-the-mask term on the feature block
     lambda_image: float | None = None  # weight of the same term on the image (mean |G(w) - G(w0)|, RGB in [-1, 1])
     mask_hold_steps: int | None = None  # with a mask: steps spent on the keep terms after every handle arrived
+    mask_feather: float | None = None  # keep weight ramps from 0 to 1 over this many px outside the flexible region
     feature_res: int | None = None     # feature block by resolution; default 6th block or the last
     track_res: int | None = None       # block whose features track the handles (default: feature_res)
     num_optimized_ws: int | None = None  # style vectors optimised (paper: the first 6)
@@ -114,6 +115,8 @@ class DragConfig:
             c.lambda_image = 0.0 if official else float(md.get("lambda_image", 0.0))
         if c.mask_hold_steps is None:  # not in the paper
             c.mask_hold_steps = 0 if official else int(md.get("mask_hold_steps", 0))
+        if c.mask_feather is None:  # not in the paper (a hard edge)
+            c.mask_feather = 0.0 if official else float(md.get("mask_feather", 0.0))
         if c.stop_distance is None:
             paper_rule = 1.0 if num_points <= 5 else 2.0
             c.stop_distance = max(2 * res / 512, 2.0) if official else md.get("stop_distance", paper_rule)
@@ -122,7 +125,7 @@ class DragConfig:
         if c.w_mode not in ("w", "w+"):
             raise ValueError("w_mode must be 'w' or 'w+'")
         if (not (0 < c.lr < 1) or c.r1 <= 0 or c.r2 < 1 or c.max_steps < 0 or c.lambda_mask < 0
-                or c.lambda_image < 0 or c.mask_hold_steps < 0):
+                or c.lambda_image < 0 or c.mask_hold_steps < 0 or c.mask_feather < 0):
             raise ValueError("invalid drag settings: need 0 < lr < 1, r1 > 0, r2 >= 1, max_steps >= 0, lambda >= 0")
         c.num_optimized_ws = int(min(max(c.num_optimized_ws, 1), G.num_ws))
         return c
@@ -399,6 +402,24 @@ def _pixel_to_feature(coord: torch.Tensor, image_res: int, feature_res: int) -> 
     return (coord + 0.5) * (feature_res / image_res) - 0.5
 
 
+def keep_weights(mask: torch.Tensor, feather: float) -> torch.Tensor:
+    """Weight of the keep terms per pixel of an [S, S] mask (1 = flexible): 1 - mask, or with
+    `feather` = n > 0 a ramp outside the flexible region, k / (n + 1) at k px from its edge
+    (Chebyshev distance), 1 from n + 1 px on.
+
+    A generator changes images smoothly, so a hard edge makes the pixels just outside the region
+    fight every move of the content inside it; the ramp lets them follow a little.
+    """
+    n = int(round(feather))
+    if n <= 0:
+        return 1 - mask
+    grown, covered = mask[None, None], mask.clone()
+    for _ in range(n):  # the mask grown by 1, 2, ... n px: a pixel k px away is covered n - k + 1 times
+        grown = F.max_pool2d(grown, 3, stride=1, padding=1)
+        covered = covered + grown[0, 0]
+    return (1 - covered / (n + 1)).clamp(0, 1)
+
+
 def disc_offsets(r1: float) -> torch.Tensor:
     """Integer (dx, dy) with dx^2 + dy^2 < r1^2: the disc on pixel centres around a handle."""
     r = int(math.ceil(r1))
@@ -607,10 +628,11 @@ class _Engine:
         loss_mask = torch.zeros((), device=device)
         loss_image = None
         if masked:
-            keep = 1 - F.interpolate(s.mask[None, None], size=full_feat.shape[-2:], mode="area")
-            loss_mask = ((full_feat - s._mask_reference).abs() * keep).mean()
+            keep = keep_weights(s.mask, cfg.mask_feather)
+            keep_feat = F.interpolate(keep[None, None], size=full_feat.shape[-2:], mode="area")
+            loss_mask = ((full_feat - s._mask_reference).abs() * keep_feat).mean()
             if image is not None:
-                loss_image = ((image - s._mask_reference_image).abs() * (1 - s.mask)).mean()
+                loss_image = ((image - s._mask_reference_image).abs() * keep).mean()
         return _optimise_and_report(s, cfg, distances, done, loss_motion, loss_mask, optimise, loss_image, arrived)
 
 

@@ -138,3 +138,32 @@ def test_paste_back_export_is_separate_from_the_edit():
     assert (out[1:3, 1:3] == 200).all() and out.sum() == 4 * 3 * 200
     with pytest.raises(ValueError):
         paste_fixed_region(edited, original[:2], mask)
+
+
+def test_keep_weights_hard_edge_and_feathered_ramp():
+    from draggan_core.drag import keep_weights
+    mask = torch.zeros(11, 11)
+    mask[5, 5] = 1
+    assert torch.equal(keep_weights(mask, 0), 1 - mask)
+    ramp = keep_weights(mask, 3)
+    # k px (Chebyshev) from the flexible pixel: k / 4, then 1; the flexible pixel itself stays free
+    assert ramp[5, 5] == 0
+    assert ramp[5, 6] == pytest.approx(0.25) and ramp[3, 7] == pytest.approx(0.5)
+    assert ramp[2, 5] == pytest.approx(0.75) and ramp[1, 5] == 1 and ramp[0, 0] == 1
+    soft = torch.full((6, 6), 0.25)  # a soft mask keeps its own weights inside
+    assert torch.allclose(keep_weights(soft, 2), 1 - soft)
+
+
+def test_feathered_mask_still_holds_and_negative_feather_is_refused(model):
+    G, defaults = model
+    mask = flexible_mask([HANDLE], [TARGET], G.img_resolution)
+    free, _ = edit(model, None)
+    s = DragSession(G, seed_to_w(G, 11, psi=0.7), DragConfig(display_every=0, mask_feather=4), model_defaults=defaults)
+    s.add_pair(HANDLE, TARGET)
+    s.set_mask(mask)
+    for r in s.run(max_steps=80):
+        pass
+    assert r.distances[0] < np.hypot(3, 3) / 3
+    assert outside_change(s, mask) < 0.5 * outside_change(free, mask)
+    with pytest.raises(ValueError):
+        DragConfig(mask_feather=-1).resolve(G, 1, defaults, masked=True)

@@ -227,7 +227,6 @@ def _class_vector(G, class_idx, device):
 def _cmd_render(args) -> int:
     import numpy as np
     import torch
-    from PIL import Image
 
     from .latents import load_latent, save_latent, seed_to_w
     from .networks import to_uint8_image

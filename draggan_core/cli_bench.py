@@ -24,7 +24,6 @@ import os
 import platform
 import resource
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 

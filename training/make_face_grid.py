@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from training import faces

@@ -47,7 +47,6 @@ class DragConfig:
     lambda_image: float | None = None  # weight of the same term on the image (mean |G(w) - G(w0)|, RGB in [-1, 1])
     mask_hold_steps: int | None = None  # with a mask: steps spent on the keep terms after every handle arrived
     mask_feather: float | None = None  # keep weight ramps from 0 to 1 over this many px outside the flexible region
-    mask_yield_steps: int | None = None  # with a mask: halve the keep terms after this many steps without progress
     feature_res: int | None = None     # feature block by resolution; default 6th block or the last
     track_res: int | None = None       # block whose features track the handles (default: feature_res)
     num_optimized_ws: int | None = None  # style vectors optimised (paper: the first 6)
@@ -118,8 +117,6 @@ class DragConfig:
             c.mask_hold_steps = 0 if official else int(md.get("mask_hold_steps", 0))
         if c.mask_feather is None:  # not in the paper (a hard edge)
             c.mask_feather = 0.0 if official else float(md.get("mask_feather", 0.0))
-        if c.mask_yield_steps is None:  # not in the paper (0: the keep terms never yield)
-            c.mask_yield_steps = 0 if official else int(md.get("mask_yield_steps", 0))
         if c.stop_distance is None:
             paper_rule = 1.0 if num_points <= 5 else 2.0
             c.stop_distance = max(2 * res / 512, 2.0) if official else md.get("stop_distance", paper_rule)
@@ -128,7 +125,7 @@ class DragConfig:
         if c.w_mode not in ("w", "w+"):
             raise ValueError("w_mode must be 'w' or 'w+'")
         if (not (0 < c.lr < 1) or c.r1 <= 0 or c.r2 < 1 or c.max_steps < 0 or c.lambda_mask < 0
-                or c.lambda_image < 0 or c.mask_hold_steps < 0 or c.mask_feather < 0 or c.mask_yield_steps < 0):
+                or c.lambda_image < 0 or c.mask_hold_steps < 0 or c.mask_feather < 0):
             raise ValueError("invalid drag settings: need 0 < lr < 1, r1 > 0, r2 >= 1, max_steps >= 0, lambda >= 0")
         c.num_optimized_ws = int(min(max(c.num_optimized_ws, 1), G.num_ws))
         return c
@@ -549,8 +546,6 @@ class _Engine:
         # tracking square (and its patches), then the disc (plus one step) around any pixel of it
         self.margin = int(cfg.r2) + max(math.ceil(cfg.r1) + 1, k)
         self.held = 0  # steps taken after every handle arrived (mask_hold_steps)
-        # mask_yield_steps: the keep terms' scale, the best total distance so far, steps since it improved
-        self.keep_scale, self.best_total, self.stalled = 1.0, math.inf, 0
 
     def features(self, ws, centres, full: bool):
         """(feature windows per centre, full feature map or None, image or None).
@@ -638,16 +633,6 @@ class _Engine:
             loss_mask = ((full_feat - s._mask_reference).abs() * keep_feat).mean()
             if image is not None:
                 loss_image = ((image - s._mask_reference_image).abs() * keep).mean()
-            if cfg.mask_yield_steps > 0:  # a handle the mask holds back: let the keep terms give way
-                total = sum(distances)
-                if total < self.best_total - 0.1:
-                    self.best_total, self.stalled = total, 0
-                else:
-                    self.stalled += 1
-                    if self.stalled >= cfg.mask_yield_steps:
-                        self.keep_scale, self.stalled = self.keep_scale / 2, 0
-                loss_mask = loss_mask * self.keep_scale
-                loss_image = None if loss_image is None else loss_image * self.keep_scale
         return _optimise_and_report(s, cfg, distances, done, loss_motion, loss_mask, optimise, loss_image, arrived)
 
 

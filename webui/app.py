@@ -43,7 +43,7 @@ CSS = """
 # measured: docs/evaluation.md#masks (default model, 100 test pairs, 1 point)
 MASK_HINT = ("The mask keeps the rest of the image close, not frozen: on test edits the mean change "
              "outside it fell from 8.5 to 2.1 (of 255), mostly near the region's edge, and handles ended "
-             "about 0.3 px further from their targets. The image is always the generator's own.")
+             "about 0.25 px further from their targets. The image is always the generator's own.")
 
 INTRO = """### DragGAN on CPU
 **1.** Click a point on the image (**red** handle), **2.** click where it should go (**blue** target),

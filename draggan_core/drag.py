@@ -6,7 +6,8 @@ One step (Pan et al. 2023, Eqs. 1-2), run on the *current* latent's features F:
      to a quarter and then a sixteenth of a pixel: `subpixel`);
   2. motion supervision: over the disc of radius r1 around each handle that has not arrived,
      L = mean |F(q).detach() - F(q + d)| with d the unit vector towards the target, plus
-     lambda * mean |(F - F0) * (1 - M)| when a mask M of the flexible region is set;
+     lambda * mean |(F - F0) * (1 - M)| when a mask M of the flexible region is set (a model's mask
+     settings may add the same term on the image, `lambda_image`, and feather (1 - M): `keep_weights`);
   3. an Adam step on the first `num_optimized_ws` style vectors.
 A handle that is within `stop_distance` of its target stops pulling; the run ends when all have.
 

@@ -251,9 +251,10 @@ def test_grayscale_model_renders_through_cli(tmp_path):
 
 
 def test_shipped_embedded_models_load_and_carry_their_metadata():
-    """Every generator shipped in checkpoints/ (the default parts model and the opt-in L1 model) loads
-    as a native file within the size limit, carries its training record and drag defaults, and renders
-    finite 64 px faces; the model list puts the default first, and the web UI labels it."""
+    """Every generator shipped in checkpoints/ (the default parts model, the opt-in L1 and 128 px
+    models) loads as a native file within the size limit, carries its training record and drag
+    defaults, and renders finite faces at its resolution; the model list puts the default first, and
+    the web UI labels it."""
     import json
     from draggan_core.checkpoints import read_native_metadata
     from draggan_core.models import DEFAULT_MODEL_NAME, drag_defaults_of, list_local_models
@@ -272,4 +273,5 @@ def test_shipped_embedded_models_load_and_carry_their_metadata():
         assert json.loads(meta["drag_defaults"]) == defaults and 0 < defaults["lr"] < 0.1
         G = load_generator(path)
         img = G.synthesis(seed_to_w(G, 3, psi=0.7))
-        assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()
+        res = 128 if "128" in path.name else 64
+        assert img.shape == (1, 3, res, res) and torch.isfinite(img).all()

@@ -547,6 +547,7 @@ class _Engine:
         # tracking square (and its patches), then the disc (plus one step) around any pixel of it
         self.margin = int(cfg.r2) + max(math.ceil(cfg.r1) + 1, k)
         self.held = 0  # steps taken after every handle arrived (mask_hold_steps)
+        self._keep = None  # (mask, its keep weights): the mask cannot change during a run
 
     def features(self, ws, centres, full: bool):
         """(feature windows per centre, full feature map or None, image or None).
@@ -629,7 +630,9 @@ class _Engine:
         loss_mask = torch.zeros((), device=device)
         loss_image = None
         if masked:
-            keep = keep_weights(s.mask, cfg.mask_feather)
+            if self._keep is None or self._keep[0] is not s.mask:
+                self._keep = (s.mask, keep_weights(s.mask, cfg.mask_feather))
+            keep = self._keep[1]
             keep_feat = F.interpolate(keep[None, None], size=full_feat.shape[-2:], mode="area")
             loss_mask = ((full_feat - s._mask_reference).abs() * keep_feat).mean()
             if image is not None:

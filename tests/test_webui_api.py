@@ -242,3 +242,20 @@ def test_upload_image_projects_it_and_rejects_garbage(ui_server, tmp_path):
     outputs = c.predict(handle_file(str(garbage)), api_name="/upload_image")
     assert outputs[2].startswith("⚠")
     assert debug(c)["latent_source"] == after["latent_source"]  # state intact
+
+
+def test_page_carries_the_first_image():
+    """The canvas's initial value is a new visitor's image, so the page shows it without waiting for
+    its load event; the load event's image is the same picture."""
+    from conftest import ui_model_path
+    from webui.app import App, build_demo
+    from webui.state import EditorState
+
+    demo = build_demo(ui_model_path())
+    canvas = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "canvas")
+    assert canvas.value is not None
+    shown = np.asarray(Image.open(canvas.value["path"]).convert("RGB"))
+    expected = EditorState.create(ui_model_path()).display()
+    assert shown.shape == expected.shape and np.array_equal(shown, expected)
+    loaded = App(ui_model_path()).on_load(None)[0]
+    assert np.array_equal(loaded, expected)

@@ -130,6 +130,8 @@ class App:
     def on_load(self, st):
         try:
             st = self.ensure(st)
+            # a new visitor's image is already on the page (the canvas's initial value); gradio
+            # caches files by content, so the same image comes back under the same URL: no reload
             out = self.view(st, "click a handle, then its target, then Start")
             return (*out, st.editor_value(), st.seed, st.mask_info())
         except Exception as e:
@@ -389,9 +391,12 @@ def _registry_choices():
 # layout
 # ---------------------------------------------------------------------------------------------
 
-def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
+def build_demo(model: str | os.PathLike | None = None, first_state: EditorState | None = None) -> gr.Blocks:
+    """The editor's page. `first_state`: a new visitor's state, already rendered (the launcher's);
+    its image is the canvas's initial value, so the page shows it without waiting for a request."""
     model_path = resolve_model_path(model)
     app = App(model_path)
+    first_image = (first_state or EditorState.create(model_path)).display()
     step_bound = env_max_steps()
     default_steps = min(300, step_bound) if step_bound else 300
     max_steps_limit = step_bound or 2000
@@ -403,8 +408,8 @@ def build_demo(model: str | os.PathLike | None = None) -> gr.Blocks:
             # ---------------------------------------------------------------- main column
             with gr.Column(scale=3, min_width=560):
                 gr.Markdown(INTRO, elem_classes=["hint"])
-                canvas = gr.Image(label="Image (click: handle, then target)", type="numpy", format="png",
-                                  interactive=False, elem_id="canvas", height=540, buttons=[])
+                canvas = gr.Image(first_image, label="Image (click: handle, then target)", type="numpy",
+                                  format="png", interactive=False, elem_id="canvas", height=540, buttons=[])
                 with gr.Row():
                     start_btn = gr.Button("▶ Start", variant="primary", elem_id="start", min_width=90, size="md")
                     stop_btn = gr.Button("■ Stop", variant="stop", elem_id="stop", min_width=90, size="md")

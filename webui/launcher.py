@@ -111,7 +111,7 @@ def prepare(args):
     t1 = time.perf_counter()
     st.warm_up()
     from .app import build_demo  # gradio is imported only now
-    demo = build_demo(path)
+    demo = build_demo(path, first_state=st)
     info = (f"model {model.name} ({model.G.img_resolution} px) on {describe(device)}, "
             f"loaded and rendered in {seconds:.1f} s, first drag steps warmed up in {time.perf_counter() - t1:.1f} s")
     if engine is not None:

@@ -47,6 +47,7 @@ class DragConfig:
     lambda_mask: float | None = None   # weight of the keep-outside-the-mask term on the feature block
     lambda_image: float | None = None  # weight of the same term on the image (mean |G(w) - G(w0)|, RGB in [-1, 1])
     mask_hold_steps: int | None = None  # with a mask: steps spent on the keep terms after every handle arrived
+    mask_hold_anchor: float | None = None  # during those steps: weight pinning each handle's first features at its target
     mask_feather: float | None = None  # keep weight ramps from 0 to 1 over this many px outside the flexible region
     feature_res: int | None = None     # feature block by resolution; default 6th block or the last
     track_res: int | None = None       # block whose features track the handles (default: feature_res)
@@ -116,6 +117,8 @@ class DragConfig:
             c.lambda_image = 0.0 if official else float(md.get("lambda_image", 0.0))
         if c.mask_hold_steps is None:  # not in the paper
             c.mask_hold_steps = 0 if official else int(md.get("mask_hold_steps", 0))
+        if c.mask_hold_anchor is None:  # not in the paper
+            c.mask_hold_anchor = 0.0 if official else float(md.get("mask_hold_anchor", 0.0))
         if c.mask_feather is None:  # not in the paper (a hard edge)
             c.mask_feather = 0.0 if official else float(md.get("mask_feather", 0.0))
         if c.stop_distance is None:
@@ -126,7 +129,7 @@ class DragConfig:
         if c.w_mode not in ("w", "w+"):
             raise ValueError("w_mode must be 'w' or 'w+'")
         if (not (0 < c.lr < 1) or c.r1 <= 0 or c.r2 < 1 or c.max_steps < 0 or c.lambda_mask < 0
-                or c.lambda_image < 0 or c.mask_hold_steps < 0 or c.mask_feather < 0):
+                or c.lambda_image < 0 or c.mask_hold_steps < 0 or c.mask_feather < 0 or c.mask_hold_anchor < 0):
             raise ValueError("invalid drag settings: need 0 < lr < 1, r1 > 0, r2 >= 1, max_steps >= 0, lambda >= 0")
         c.num_optimized_ws = int(min(max(c.num_optimized_ws, 1), G.num_ws))
         return c
@@ -138,6 +141,7 @@ class PointPair:
     target: tuple[float, float]
     origin: tuple[float, float]     # where the user put the handle
     reference: torch.Tensor | None = None  # features around the handle when it was placed, [K, C]
+    anchor: torch.Tensor | None = None     # the same on the motion-supervision block (mask_hold_anchor)
 
 
 @dataclass
@@ -592,8 +596,10 @@ class _Engine:
             with torch.no_grad():
                 centres = [p.handle for p in need_ref] or [(0, 0)]
                 wins, full_feat, image = self.features(ws.detach(), centres, full=masked)
-                for p, fw in zip(need_ref, self.tracking_features(ws, centres, wins)):
-                    p.reference = fw.sample(torch.tensor(p.handle, dtype=torch.float32, device=device) + self.patch)
+                for p, fw, mw in zip(need_ref, self.tracking_features(ws, centres, wins), wins):
+                    at = torch.tensor(p.handle, dtype=torch.float32, device=device) + self.patch
+                    p.reference = fw.sample(at)
+                    p.anchor = mw.sample(at)
                 if masked:
                     s._mask_reference = full_feat.detach()
                     s._mask_reference_image = None if image is None else image.detach()
@@ -612,12 +618,18 @@ class _Engine:
         distances = [math.dist(p.handle, p.target) for p in pairs]
         active = [d > cfg.stop_distance for d in distances]
         arrived = done = not any(active)
-        if done and masked and self.held < cfg.mask_hold_steps:
-            # every handle is there: the keep terms alone pull the rest of the image back (a handle
-            # that drifts off its target is pulled again by motion supervision)
+        holding = done and masked and self.held < cfg.mask_hold_steps
+        loss_motion = torch.zeros((), device=device)
+        if holding:
+            # every handle is there: the keep terms pull the rest of the image back, while the
+            # anchor holds each handle's first features at its target (a handle that drifts off
+            # its target is pulled again by motion supervision)
             self.held += 1
             done = False
-        loss_motion = torch.zeros((), device=device)
+            if cfg.mask_hold_anchor > 0:
+                for p, fw in zip(pairs, wins):
+                    here = fw.sample(torch.tensor(p.target, dtype=torch.float32, device=device) + self.patch)
+                    loss_motion = loss_motion + cfg.mask_hold_anchor * (here - p.anchor).abs().mean()
         for p, fw, act, dist in zip(pairs, wins, active, distances):
             if not act:
                 continue

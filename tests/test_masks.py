@@ -165,3 +165,41 @@ def test_feathered_mask_still_holds_and_negative_feather_is_refused(model):
     assert outside_change(s, mask) < 0.5 * outside_change(free, mask)
     with pytest.raises(ValueError):
         DragConfig(mask_feather=-1).resolve(G, 1, defaults, masked=True)
+
+
+def _held_edit(model, anchor):
+    G, defaults = model
+    cfg = DragConfig(display_every=0, mask_hold_steps=20, mask_hold_anchor=anchor)
+    s = DragSession(G, seed_to_w(G, 11, psi=0.7), cfg, model_defaults=defaults)
+    s.add_pair(HANDLE, TARGET)
+    s.set_mask(flexible_mask([HANDLE], [TARGET], G.img_resolution))
+    results = list(s.run(max_steps=120))
+    return s, results
+
+
+def test_hold_anchor_keeps_the_dragged_content_at_the_target(model):
+    """Hold steps run after the handle arrives (the run does not stop there); with the anchor, the
+    features at the target stay closer to the handle's first features than without it."""
+    from draggan_core.drag import _FeatureWindow
+
+    G, defaults = model
+    resolved = DragConfig().resolve(G, 1, defaults, masked=True)
+    gaps = {}
+    for anchor in (0.0, 1.0):
+        s, results = _held_edit(model, anchor)
+        arrived = next(i for i, r in enumerate(results) if r.reached)
+        assert len(results) > arrived + 10  # the hold steps ran past the arrival
+        pair = s.pairs[0]
+        assert pair.anchor is not None and pair.anchor.shape[0] == pair.reference.shape[0]  # one row per patch pixel
+        with torch.no_grad():
+            _, feat = G.synthesis(s._ws(), noise_mode="const", feature_res=resolved.feature_res, fused=False)
+        k = resolved.track_patch
+        d = torch.arange(-k, k + 1, dtype=torch.float32)
+        py, px = torch.meshgrid(d, d, indexing="ij")
+        at = torch.tensor(TARGET) + torch.stack([px.reshape(-1), py.reshape(-1)], dim=1)
+        fr = resolved.feature_res
+        here = _FeatureWindow(feat, (0, fr, 0, fr), G.img_resolution, fr).sample(at)
+        gaps[anchor] = float((here - pair.anchor).abs().mean())
+    assert gaps[1.0] < gaps[0.0], gaps
+    with pytest.raises(ValueError):
+        DragConfig(mask_hold_anchor=-1).resolve(G, 1, defaults, masked=True)

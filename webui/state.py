@@ -604,7 +604,9 @@ class EditorState:
                 # the interval counts from this decision, not from when gradio has sent the update, so
                 # frames come every FRAME_INTERVAL (8 per second) when renders keep up
                 last_yield = now
-                yield RunUpdate(image, self.points_text(), self.status_text(result, steps, first_step, "running"))
+                # a step that has every handle there but goes on is a mask's hold step (mask_hold_steps)
+                how = "handles there, the fixed region settles" if result.reached else "running"
+                yield RunUpdate(image, self.points_text(), self.status_text(result, steps, first_step, how))
         finally:
             run.close()
             self.running = False

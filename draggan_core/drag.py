@@ -47,7 +47,7 @@ class DragConfig:
     lambda_mask: float | None = None   # weight of the keep-outside-the-mask term on the feature block
     lambda_image: float | None = None  # weight of the same term on the image (mean |G(w) - G(w0)|, RGB in [-1, 1])
     mask_hold_steps: int | None = None  # with a mask: steps spent on the keep terms after every handle arrived
-    mask_hold_anchor: float | None = None  # during those steps: weight pinning each handle's first features at its target
+    mask_hold_anchor: float | None = None  # during them: weight pinning each handle's first features at its target
     mask_feather: float | None = None  # keep weight ramps from 0 to 1 over this many px outside the flexible region
     feature_res: int | None = None     # feature block by resolution; default 6th block or the last
     track_res: int | None = None       # block whose features track the handles (default: feature_res)
@@ -628,6 +628,8 @@ class _Engine:
             done = False
             if cfg.mask_hold_anchor > 0:
                 for p, fw in zip(pairs, wins):
+                    if p.anchor is None:  # a state from before anchors were kept: hold without one
+                        continue
                     here = fw.sample(torch.tensor(p.target, dtype=torch.float32, device=device) + self.patch)
                     loss_motion = loss_motion + cfg.mask_hold_anchor * (here - p.anchor).abs().mean()
         for p, fw, act, dist in zip(pairs, wins, active, distances):

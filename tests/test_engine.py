@@ -96,6 +96,10 @@ def test_state_carries_adam_moments_and_references(model):
         pass
     assert np.array_equal(latent_of(export_run_state(w, "m")), w.latent.numpy())
     assert all(p.reference is not None for p in state.pairs) and state.mask_reference is not None
+    # the mask's hold steps pin each handle's first features: those travel too
+    again = RunState.from_bytes(state.to_bytes())
+    assert all(p.anchor is not None and np.array_equal(p.anchor, q.anchor) for p, q in zip(again.pairs, state.pairs))
+    assert all(torch.equal(p.anchor, q.anchor) for p, q in zip(session_from_state(model.G, again).pairs, s.pairs))
     assert state.resolved["lr"] is not None and state.config["lr"] is None  # as set, and as resolved
     # dropping Adam's moments changes the continuation: they are part of what must travel
     broken = RunState.from_bytes(state.to_bytes())

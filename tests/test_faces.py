@@ -38,7 +38,7 @@ def test_api_constants():
     assert len(faces.PARAM_NAMES) == faces.PARAM_DIM
     assert len(faces.LANDMARK_NAMES) >= 22
     assert len(set(faces.LANDMARK_NAMES)) == len(faces.LANDMARK_NAMES)
-    assert faces.PART_NAMES == ("eyes", "brows", "nose", "mouth", "ears")
+    assert faces.PART_NAMES == ("eyes", "brows", "nose", "mouth", "ears", "shirt")
 
 
 def test_sample_z():
@@ -209,6 +209,7 @@ def test_part_masks_cover_their_landmarks(batch):
         "nose": ["nose_tip", "nostril_left", "nostril_right"],
         "mouth": ["mouth_left", "mouth_right", "lip_upper", "lip_lower"],
         "ears": ["ear_left", "ear_right"],
+        "shirt": [],
     }
     for j, part in enumerate(faces.PART_NAMES):
         mask = b.part_masks[:, j]
@@ -224,6 +225,11 @@ def test_part_masks_cover_their_landmarks(batch):
     for i in range(len(eyes)):
         assert _pixel(eyes[i], b.landmarks[i, L["mouth_left"]]) == 0.0
         assert _pixel(mouth[i], b.landmarks[i, L["pupil_left"]]) == 0.0
+    # the shirt strip: the bottom centre, never the mouth
+    shirt = b.part_masks[:, faces.PART_NAMES.index("shirt")]
+    assert (shirt[:, RES - 1, RES // 2] == 1.0).all()
+    for i in range(len(shirt)):
+        assert _pixel(shirt[i], b.landmarks[i, L["lip_lower"]]) == 0.0
 
 
 def test_varied_identities(batch):

@@ -101,14 +101,24 @@ def test_grown_training_trains_the_new_block_first_and_resumes(tmp_path, small):
         train_embedded.main(["--out", str(tmp_path / "a"), "--max-steps", "5", "--threads", "1"])
 
 
-def test_committed_grow_schedule_is_consistent():
+@pytest.mark.parametrize("name", ["grow128_schedule.json", "grow128_shirt_schedule.json"])
+def test_committed_grow_schedule_is_consistent(name):
     from pathlib import Path
-    sched = json.loads((Path(train_embedded.__file__).parent / "grow128_schedule.json").read_text())
-    stages = sched["stages"]
+    folder = Path(train_embedded.__file__).parent
+    stages = json.loads((folder / name).read_text())["stages"]
     ends = [s["until_step"] for s in stages]
     assert ends == sorted(ends) and len(set(ends)) == len(ends)
     assert stages[0]["train_only"] == NEW_BLOCK and all("train_only" not in s for s in stages[1:])
     assert stages[1]["lr"] < stages[0]["lr"]  # everything trains at a lower lr than the new block did
+    # the shipped file's schedule replays the first plan to where that run was stopped (step 19,979)
+    first = json.loads((folder / "grow128_schedule.json").read_text())["stages"]
+
+    def settings(stages, step):
+        args = argparse.Namespace(lr=1.0, decay_start=None, decay_end=None, part_scale="1,1,1,1", part_l2=0.0,
+                                  image_l2=0.0, train_only=None, schedule_stages=stages)
+        st = train_embedded.stage_for(step, args)
+        return train_embedded.learning_rate(step, st), st.part_scale, st.part_l2, st.image_l2, st.train_only
+    assert all(settings(stages, k) == settings(first, k) for k in range(0, 19_979, 97))
     grown = train_embedded.grow_generator(load_generator(default_model_path()))
     names = [n for n, _ in grown.named_parameters()]
     assert {n for n in names if re.search(NEW_BLOCK, n)} == {n for n in names if n.startswith("synthesis.b128.")}

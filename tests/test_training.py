@@ -27,6 +27,10 @@ def test_part_weights_follow_the_per_part_scale():
     _, w3 = train_embedded.render_batch(z, (1.0, 2.0, 3.0, 1.0, 5.0))
     ears = masks[:, 4:5] > 0.99
     assert ears.any() and (w3[ears] >= 4.95).all() and w2[ears].mean() < 0.5  # few ear pixels lie in other parts
+    # a sixth weighs the shirt strip, which no other region touches
+    _, w4 = train_embedded.render_batch(z, (1.0, 2.0, 3.0, 1.0, 5.0, 4.0))
+    shirt = masks[:, 5:6] > 0.99
+    assert shirt.any() and (w4[shirt] >= 3.96).all() and w3[shirt].max() == 0.0
 
 
 def _run(out, steps, extra=()):
@@ -112,7 +116,7 @@ def test_committed_schedules_are_consistent():
         ends = [s["until_step"] for s in stages]
         assert ends == sorted(ends) and len(set(ends)) == len(ends), name
         for s in stages:
-            assert len(train_embedded.parse_part_scale(s["part_scale"])) in (4, len(faces.PART_NAMES)), name
+            assert len(train_embedded.parse_part_scale(s["part_scale"])) in range(4, len(faces.PART_NAMES) + 1), name
             assert s["decay_start"] < s["decay_end"] and s["lr"] > 0, name
         args = with_stages(stages)
         assert all(0 < train_embedded.learning_rate(k, train_embedded.stage_for(k, args)) <= 2e-3
@@ -224,6 +228,17 @@ def test_part_l2_adds_a_squared_error_on_the_part_regions_only():
     without = train_embedded.regression_loss(fake, real, part, 8.0)
     expected_extra = 4.0 * (0.25 * 2 * 3) / (part.sum() * 3)
     assert (with_l2 - without).item() == pytest.approx(expected_extra.item(), rel=1e-5)
+
+
+def test_image_l2_adds_the_mean_squared_error_of_the_whole_image():
+    torch.manual_seed(0)
+    real = torch.rand(2, 3, 8, 8) * 2 - 1
+    fake = real.clone()
+    part = torch.zeros(2, 1, 8, 8)
+    fake[:, :, 6, 6] += 0.5  # outside every part
+    with_l2 = train_embedded.regression_loss(fake, real, part, 8.0, image_l2=16.0)
+    without = train_embedded.regression_loss(fake, real, part, 8.0)
+    assert (with_l2 - without).item() == pytest.approx(16.0 * (fake - real).square().mean().item(), rel=1e-5)
 
 
 def test_image_head_fine_tune_keeps_every_drag_on_the_same_latent_path(tmp_path):

@@ -71,7 +71,7 @@ PARAMS: tuple[tuple[str, float, float], ...] = (
 PARAM_NAMES: tuple[str, ...] = tuple(p[0] for p in PARAMS)
 PARAM_DIM: int = len(PARAMS)
 
-PART_NAMES: tuple[str, ...] = ("eyes", "brows", "nose", "mouth", "ears")
+PART_NAMES: tuple[str, ...] = ("eyes", "brows", "nose", "mouth", "ears", "shirt")
 # loss-region masks; the parts check (training/model_metrics.py) looks at the first four only
 
 _LM = {name: i for i, name in enumerate(LANDMARK_NAMES)}
@@ -609,7 +609,10 @@ def part_masks(p, lm: np.ndarray, pose, res: int, polys: dict) -> np.ndarray:
     # face's horizontal axis
     across = lm[:, _LM["eye_right_outer"]] - lm[:, _LM["eye_left_outer"]]
     ears_m = np.maximum(*(_box_around(res, polys[f"ear_{s}"], across, margin, margin) for s in ("left", "right")))
-    return np.stack([eyes_m, brows_m, nose_m, mouth_m, ears_m], axis=1).astype(np.float32)
+    # shirt: its colour is a parameter of its own, on a strip at the image bottom (upright, like the body)
+    upright = np.tile(np.array([[1.0, 0.0]]), (len(lm), 1))
+    shirt_m = _box_around(res, polys["shirt"], upright, margin, margin)
+    return np.stack([eyes_m, brows_m, nose_m, mouth_m, ears_m, shirt_m], axis=1).astype(np.float32)
 
 
 # --------------------------------------------------------------------------

@@ -219,7 +219,7 @@ class BatchStream:
         self.pool = None
 
 
-def regression_loss(fake, real, part_weight, part_gain, part_l2: float = 0.0):
+def regression_loss(fake, real, part_weight, part_gain, part_l2: float = 0.0, image_l2: float = 0.0):
     diff = fake - real
     weight = 1.0 + part_gain * part_weight
     full = (diff.abs() * weight).sum() / (weight.sum() * fake.shape[1])
@@ -228,6 +228,9 @@ def regression_loss(fake, real, part_weight, part_gain, part_l2: float = 0.0):
         # L1's optimum is the median: a 1-px dark dot whose position G cannot pin down is dropped
         # (skin everywhere); a squared error on the part regions prefers a blurred, darker dot
         full = full + part_l2 * (diff.square() * part_weight).sum() / (part_weight.sum() * fake.shape[1] + 1e-8)
+    if image_l2 > 0:
+        # PSNR scores the mean, L1 fits the median: where G cannot tell (edges, the shirt) they differ
+        full = full + image_l2 * diff.square().mean()
     return full + half
 
 
@@ -297,12 +300,14 @@ def main(argv=None):
     p.add_argument("--decay-start", type=int, default=None, help="step where the lr starts decaying linearly")
     p.add_argument("--decay-end", type=int, default=None, help="step where the lr reaches 10%% of --lr")
     p.add_argument("--part-gain", type=float, default=8.0, help="extra L1 weight on the part regions")
-    p.add_argument("--part-scale", default="1,1,1,1", metavar="E,B,N,M[,EARS]",
-                   help="per-part multipliers of --part-gain for eyes, brows, nose, mouth and (optional, default 0) ears")
+    p.add_argument("--part-scale", default="1,1,1,1", metavar="E,B,N,M[,EARS[,SHIRT]]",
+                   help="per-part multipliers of --part-gain for eyes, brows, nose, mouth and (optional, default 0) ears and shirt")
     p.add_argument("--part-l2", type=float, default=0.0,
                    help="weight of an extra squared error on the part regions (a stage may set part_l2)")
+    p.add_argument("--image-l2", type=float, default=0.0,
+                   help="weight of an extra squared error on the whole image (a stage may set image_l2)")
     p.add_argument("--schedule", default=None, metavar="JSON",
-                   help="stages [{until_step, lr, decay_start, decay_end, part_scale, batch, part_l2, train_only}, ...] "
+                   help="stages [{until_step, lr, decay_start, decay_end, part_scale, batch, part_l2, image_l2, train_only}, ...] "
                         "overriding those options per step range, e.g. training/embedded_schedule.json (the shipped "
                         "run); a stage's train_only trains only the matching parameters at its steps")
     p.add_argument("--ema-kimg", type=float, default=2.0, help="G_ema half-life in thousands of images")
@@ -333,9 +338,9 @@ def main(argv=None):
     drag_defaults = read_drag_defaults(args.drag_defaults, p) if args.export else None
     args.schedule_stages = json.loads(Path(args.schedule).read_text())["stages"] if args.schedule else []
     for scale in [args.part_scale] + [stage.get("part_scale", args.part_scale) for stage in args.schedule_stages]:
-        if len(parse_part_scale(scale)) not in (len(faces.PART_NAMES) - 1, len(faces.PART_NAMES)):
-            p.error(f"--part-scale needs {len(faces.PART_NAMES)} values ({', '.join(faces.PART_NAMES)}), "
-                    f"or {len(faces.PART_NAMES) - 1} (ears 0)")
+        if not 4 <= len(parse_part_scale(scale)) <= len(faces.PART_NAMES):
+            p.error(f"--part-scale needs 4 to {len(faces.PART_NAMES)} values ({', '.join(faces.PART_NAMES)}; "
+                    f"the regions left out weigh 0)")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -463,7 +468,7 @@ def main(argv=None):
             active_pattern = stage_pattern
         z, real, part_weight = stream.get()
         fake = G(torch.from_numpy(z).to(device), fused=False)
-        loss = regression_loss(fake, real.to(device), part_weight.to(device), args.part_gain, stage.part_l2)
+        loss = regression_loss(fake, real.to(device), part_weight.to(device), args.part_gain, stage.part_l2, stage.image_l2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

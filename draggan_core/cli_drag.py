@@ -61,8 +61,8 @@ def _model_default_help(field: str, what: str, generic: str, recommended: dict) 
     if isinstance(value, bool):
         value = "on" if value else "off"
     shown = f"; {value} for the default model" if value is not None else ""
-    if field == "lr" and "lr_multi_point" in recommended:
-        shown += f" ({recommended['lr_multi_point']} with several points)"
+    if f"{field}_multi_point" in recommended:
+        shown += f" ({recommended[f'{field}_multi_point']} with several points)"
     return f"{what} (default: the model's recommended value{shown}; {generic} for a model without one)"
 
 

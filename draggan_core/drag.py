@@ -36,6 +36,8 @@ from .networks import Generator, to_uint8_image
 from .windowed import features_in_window
 
 COMPAT_MODES = ("ours", "official")
+# drag-default settings a model card may give a separate value for edits with several points
+MULTI_POINT_SETTINGS = ("lr", "r1")
 
 
 @dataclass
@@ -80,6 +82,10 @@ class DragConfig:
         official = c.compat == "official"
         if masked and isinstance(mask_md, dict):
             md.update(mask_md)
+            for key in mask_md:  # a mask setting wins over the several-point value of the same setting
+                md.pop(f"{key}_multi_point", None)
+        if num_points > 1:  # a model card may recommend other values when several handles must settle together
+            md.update({key: md[f"{key}_multi_point"] for key in MULTI_POINT_SETTINGS if f"{key}_multi_point" in md})
         blocks = G.synthesis.block_resolutions
         if c.feature_res is None:
             c.feature_res = md.get("feature_res") if not official else None
@@ -92,9 +98,7 @@ class DragConfig:
         if c.track_res not in blocks:
             raise ValueError(f"tracking block {c.track_res} does not exist; blocks are {blocks}")
         if c.lr is None:
-            # a model card may recommend a different lr when several handles must settle together
-            lr_key = "lr_multi_point" if num_points > 1 and "lr_multi_point" in md else "lr"
-            c.lr = 1e-3 if official else md.get(lr_key, 2e-3)
+            c.lr = 1e-3 if official else md.get("lr", 2e-3)
         if c.r1 is None:
             c.r1 = round(3 * res / 512) if official else md.get("r1", max(3 * res / 512, 2.0))
         if c.r2 is None:

@@ -279,3 +279,13 @@ def test_model_card_may_set_a_multi_point_lr(G):
     assert DragConfig().resolve(G, 5, card).lr == 3e-3
     assert DragConfig().resolve(G, 5, {"lr": 4e-3}).lr == 4e-3
     assert DragConfig(lr=1e-2).resolve(G, 5, card).lr == 1e-2
+
+
+def test_model_card_may_set_a_multi_point_radius_and_a_mask_setting_wins(G):
+    card = {"r1": 12.0, "r1_multi_point": 6.0, "lr": 4e-3, "lr_multi_point": 3e-3, "mask": {"r1": 9.0}}
+    assert DragConfig().resolve(G, 1, card).r1 == 12.0
+    assert DragConfig().resolve(G, 5, card).r1 == 6.0
+    assert DragConfig(r1=2.0).resolve(G, 5, card).r1 == 2.0
+    masked = DragConfig().resolve(G, 5, card, masked=True)
+    assert masked.r1 == 9.0 and masked.lr == 3e-3  # the mask names r1, not lr
+    assert DragConfig().resolve(G, 1, card, masked=True).r1 == 9.0

@@ -35,6 +35,9 @@ class GeneratorConfig:
     mapping_layers: int = 8
     mapping_lr_multiplier: float = 0.01
     mapping_normalize_z: bool = True
+    # also feed the mapping sin/cos(2 pi k Phi(z)), k = 1..K, of every z component (Phi: the normal CDF),
+    # so functions that cycle over a component's range (a colour palette) are a linear read-out
+    mapping_z_fourier: int = 0
     w_avg_beta: float = 0.995
     channel_base: int = 32768
     channel_max: int = 512
@@ -102,6 +105,12 @@ class FullyConnectedLayer(nn.Module):
         return bias_act(x.matmul(w.t()), b, activation=self.activation, gain=LRELU_GAIN if self.activation == "lrelu" else 1)
 
 
+def z_fourier_features(z: torch.Tensor, k_max: int) -> torch.Tensor:
+    """[N, Z] -> [N, 2 * k_max * Z]: sin and cos of 2 pi k Phi(z) for k = 1..k_max (Phi: the normal CDF)."""
+    u = 0.5 * (1 + torch.erf(z.to(torch.float32) / math.sqrt(2)))
+    return torch.cat([f(2 * math.pi * k * u) for k in range(1, k_max + 1) for f in (torch.sin, torch.cos)], dim=1)
+
+
 class MappingNetwork(nn.Module):
     """z (and optional class label c) -> w, broadcast to num_ws, with truncation towards w_avg."""
 
@@ -111,7 +120,7 @@ class MappingNetwork(nn.Module):
         embed_features = cfg.w_dim if cfg.c_dim > 0 else 0
         if cfg.c_dim > 0:
             self.embed = FullyConnectedLayer(cfg.c_dim, embed_features)
-        features = [cfg.z_dim + embed_features] + [cfg.w_dim] * cfg.mapping_layers
+        features = [cfg.z_dim * (1 + 2 * cfg.mapping_z_fourier) + embed_features] + [cfg.w_dim] * cfg.mapping_layers
         for i in range(cfg.mapping_layers):
             setattr(self, f"fc{i}", FullyConnectedLayer(features[i], features[i + 1], activation="lrelu",
                                                         lr_multiplier=cfg.mapping_lr_multiplier))
@@ -123,6 +132,8 @@ class MappingNetwork(nn.Module):
         if cfg.z_dim > 0:
             assert z.ndim == 2 and z.shape[1] == cfg.z_dim, f"z must be [N, {cfg.z_dim}], got {tuple(z.shape)}"
             x = normalize_2nd_moment(z) if cfg.mapping_normalize_z else z
+            if cfg.mapping_z_fourier:
+                x = torch.cat([x, z_fourier_features(z, cfg.mapping_z_fourier).to(x.dtype)], dim=1)
         if cfg.c_dim > 0:
             if c is None or c.shape[-1] != cfg.c_dim:
                 raise ValueError(f"this model is conditional: pass a class label vector c of size {cfg.c_dim}")

@@ -303,3 +303,24 @@ def test_sweeps_start_from_the_swept_models_own_drag_defaults():
     bare = tiny64_pickle()  # an official-format snapshot: no drag defaults in it
     assert drag_defaults_of(bare) == {}
     assert base_drag_defaults(bare) == l1
+
+
+def test_z_fourier_widening_keeps_the_generator_and_trains_on(tmp_path):
+    from draggan_core.networks import Generator, GeneratorConfig
+    out = tmp_path / "run"
+    before = _run(out, 2)
+    z = torch.from_numpy(faces.sample_z(3, seed=9))
+
+    def image(state):
+        G = Generator(GeneratorConfig.from_json(state["config"]))
+        G.load_state_dict({k: v.float() for k, v in state["G_ema"].items()})
+        return G(z, fused=False)
+    widened = _run(out, 2, ["--z-fourier", "2"])  # no step taken: only the widening
+    cfg = GeneratorConfig.from_json(widened["config"])
+    assert cfg.mapping_z_fourier == 2 and widened["G"]["mapping.fc0.weight"].shape[1] == 5 * faces.PARAM_DIM
+    assert torch.allclose(image(before), image(widened), atol=1e-5)
+    assert widened["G"]["mapping.fc0.weight"][:, faces.PARAM_DIM:].abs().max() == 0
+    trained = _run(out, 4, ["--z-fourier", "2"])
+    assert trained["G"]["mapping.fc0.weight"][:, faces.PARAM_DIM:].abs().max() > 0
+    with pytest.raises(SystemExit):  # a state with features cannot take another K
+        _run(out, 5, ["--z-fourier", "3"])

@@ -259,6 +259,29 @@ def save_grid(path, real, fake, n=16, scale=3):
     Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)
 
 
+def widen_z_fourier(state: dict, cfg: GeneratorConfig, k_max: int, fc0_index: int) -> GeneratorConfig:
+    """Give a training state's mapping the z Fourier features (`GeneratorConfig.mapping_z_fourier`), in
+    place: fc0 gains zero weights for the new inputs, and its stored weights and Adam moments are rescaled
+    for the layer's new equalised-lr gain, so G's function is unchanged and training continues from it."""
+    old_in = cfg.z_dim * (1 + 2 * cfg.mapping_z_fourier)
+    cfg = dataclasses.replace(cfg, mapping_z_fourier=k_max)
+    new_in = cfg.z_dim * (1 + 2 * k_max)
+    gain_ratio = math.sqrt(new_in / old_in)  # stored weight = actual weight / gain, gain ~ 1/sqrt(fan-in)
+
+    def widen(t, scale):
+        out = torch.zeros(t.shape[0], new_in, dtype=t.dtype)
+        out[:, :old_in] = t.float() * scale
+        return out
+    for key in ("G", "G_ema"):
+        state[key]["mapping.fc0.weight"] = widen(state[key]["mapping.fc0.weight"], gain_ratio)
+    moments = state["opt"]["state"].get(fc0_index)
+    if moments is not None:  # gradients w.r.t. the stored weight shrink by the same ratio
+        moments["exp_avg"] = widen(moments["exp_avg"], 1 / gain_ratio)
+        moments["exp_avg_sq"] = widen(moments["exp_avg_sq"], 1 / gain_ratio ** 2)
+    state["config"] = cfg.to_json()
+    return cfg
+
+
 def base_info(path) -> dict:
     """What a fine-tune starts from, for the exported metadata."""
     meta = read_native_metadata(path)
@@ -330,6 +353,9 @@ def main(argv=None):
     p.add_argument("--train-only", default=None, metavar="PRESET|REGEX",
                    help="train only the parameters whose names match (preset: image-head = every ToRGB layer "
                         "and the last block); the rest stay frozen, G_ema included")
+    p.add_argument("--z-fourier", type=int, default=0, metavar="K",
+                   help="resume a state whose mapping lacks them with z Fourier features k = 1..K "
+                        "(GeneratorConfig.mapping_z_fourier; new weights start at zero, so G is unchanged)")
     p.add_argument("--export", default=None, help="also write G_ema as native safetensors (fp16) here")
     p.add_argument("--drag-defaults", default=str(PARTS_DRAG_DEFAULTS_FILE), metavar="JSON",
                    help="drag defaults written into --export snapshots (default: the default model's, "
@@ -358,6 +384,8 @@ def main(argv=None):
     grown = None
     if state is not None:  # the state knows its architecture (a grown model's b128 width included)
         cfg = GeneratorConfig.from_json(state["config"])
+        if args.z_fourier and cfg.mapping_z_fourier not in (0, args.z_fourier):
+            p.error(f"{source} already has z Fourier features k <= {cfg.mapping_z_fourier}, not --z-fourier {args.z_fourier}")
     elif args.grow_from:
         from draggan_core.checkpoints import load_generator
         small = load_generator(args.grow_from).cpu()
@@ -371,6 +399,13 @@ def main(argv=None):
         cfg = embedded_config(args.resolution)
     if cfg.img_resolution != args.resolution:
         p.error(f"{source} holds a {cfg.img_resolution} px model: resume it with --resolution {cfg.img_resolution}")
+    if state is not None and args.z_fourier and cfg.mapping_z_fourier == 0:
+        pattern = trainable_pattern(args.train_only)
+        order = [n for n, _ in Generator(cfg).named_parameters() if pattern is None or re.search(pattern, n)]
+        if "mapping.fc0.weight" not in order:
+            p.error("--z-fourier adds inputs to the mapping: it must be trained (see --train-only)")
+        cfg = widen_z_fourier(state, cfg, args.z_fourier, order.index("mapping.fc0.weight"))
+        print(f"{source}: mapping given z Fourier features k <= {args.z_fourier}", file=sys.stderr)
     G = Generator(cfg, trainable=True)
     G_ema = Generator(cfg)
     G_ema.load_state_dict(G.state_dict())

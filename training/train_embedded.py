@@ -399,8 +399,8 @@ def main(argv=None):
         cfg = embedded_config(args.resolution)
     if cfg.img_resolution != args.resolution:
         p.error(f"{source} holds a {cfg.img_resolution} px model: resume it with --resolution {cfg.img_resolution}")
+    pattern = trainable_pattern(args.train_only)
     if state is not None and args.z_fourier and cfg.mapping_z_fourier == 0:
-        pattern = trainable_pattern(args.train_only)
         order = [n for n, _ in Generator(cfg).named_parameters() if pattern is None or re.search(pattern, n)]
         if "mapping.fc0.weight" not in order:
             p.error("--z-fourier adds inputs to the mapping: it must be trained (see --train-only)")
@@ -420,7 +420,6 @@ def main(argv=None):
         G.load_state_dict(init.state_dict())  # w_avg included: a frozen mapping keeps it
         G_ema.load_state_dict(init.state_dict())
         base = base_info(args.init_model)
-    pattern = trainable_pattern(args.train_only)
     trainable = [(n, q) for n, q in G.named_parameters() if pattern is None or re.search(pattern, n)]
     if not trainable:
         p.error(f"--train-only {args.train_only}: matches no parameter")

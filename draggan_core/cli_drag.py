@@ -4,7 +4,7 @@
     python -m draggan_core drag --seed 3 --drag 20,44:24,40 --out edited.png --save-recipe edit.json
     python -m draggan_core drag --recipe edit.json --out replayed.png
 
-Coordinates are model pixels: x = column, y = row, 0 .. R-1 for a model of resolution R (64 for the
+Coordinates are model pixels: x = column, y = row, 0 .. R-1 for a model of resolution R (128 for the
 default model), whatever --scale enlarges the written images to.
 """
 from __future__ import annotations
@@ -76,8 +76,8 @@ def add_parser(subparsers):
     p.add_argument("--latent", metavar="W.npy", help="W or W+ latent of the image to edit")
     p.add_argument("--psi", type=float, default=None, help="truncation psi for --seed (default: 0.7)")
     p.add_argument("--drag", action="append", default=[], metavar="HX,HY:TX,TY",
-                   help="a handle and its target in model pixels (x = column, y = row; 0..63 for the default "
-                        "64 px model); repeat for more points, each handle once (default: none; give at "
+                   help="a handle and its target in model pixels (x = column, y = row; 0..127 for the default "
+                        "128 px model); repeat for more points, each handle once (default: none; give at "
                         "least one, or --recipe)")
     p.add_argument("--mask", metavar="MASK.png", help="flexible region: white may change, black stays; any size")
     p.add_argument("--steps", type=int, default=None, help="maximum optimisation steps (default: 300)")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from draggan_core.models import default_model_path
+from draggan_core.models import PARTS_64_MODEL_NAME, default_model_path
+from draggan_core.paths import CHECKPOINTS_DIR
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -22,8 +23,10 @@ UI_MAX_STEPS = 300  # DRAGGAN_MAX_STEPS for the test server
 
 
 def ui_model_path() -> Path:
-    """The default (embedded faces) model, shipped in the repository: easy drags reach their targets."""
-    return default_model_path()
+    """The 64 px embedded parts model, shipped in the repository: the UI tests' clicks, pairs and brush
+    strokes are written in its pixels, and easy drags reach their targets. The default model (128 px)
+    has a server of its own, `default_ui_server`."""
+    return CHECKPOINTS_DIR / PARTS_64_MODEL_NAME
 
 
 def _free_port() -> int:
@@ -34,14 +37,15 @@ def _free_port() -> int:
     return port
 
 
-@pytest.fixture(scope="session")
-def ui_server(tmp_path_factory):
-    """`python app.py` on a free 127.0.0.1 port; yields {"url", "port", "log", "model"}."""
+def _serve(model: Path | None, log: Path):
+    """`python app.py` on a free 127.0.0.1 port, with `model` or (None) the default model;
+    yields {"url", "port", "log", "model"}."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("webui") / "server.log"
-    model = ui_model_path()
-    env = {**os.environ, "PORT": str(port), "DRAGGAN_MAX_STEPS": str(UI_MAX_STEPS), "DRAGGAN_MODEL": str(model),
+    env = {**os.environ, "PORT": str(port), "DRAGGAN_MAX_STEPS": str(UI_MAX_STEPS),
            "DRAGGAN_TORCH_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("DRAGGAN_MODEL", None)
+    if model is not None:
+        env["DRAGGAN_MODEL"] = str(model)
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -55,12 +59,24 @@ def ui_server(tmp_path_factory):
                 proc.kill()
                 raise RuntimeError(f"app did not start:\n{log.read_text(errors='replace')[-3000:]}")
             time.sleep(0.25)
-    yield {"url": url, "port": port, "log": log, "model": model}
+    yield {"url": url, "port": port, "log": log, "model": model or default_model_path()}
     proc.terminate()
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def ui_server(tmp_path_factory):
+    """The app on the 64 px model (`ui_model_path`), shared by the UI tests."""
+    yield from _serve(ui_model_path(), tmp_path_factory.mktemp("webui") / "server.log")
+
+
+@pytest.fixture(scope="session")
+def default_ui_server(tmp_path_factory):
+    """The app as `python app.py` starts it: the default model (128 px)."""
+    yield from _serve(None, tmp_path_factory.mktemp("webui-default") / "server.log")
 
 
 # ------------------------------------------------------------------ pytest-playwright overrides

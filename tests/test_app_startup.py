@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from draggan_core.models import default_model_path
+from draggan_core.models import PARTS_64_MODEL_NAME
+from draggan_core.paths import CHECKPOINTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,7 @@ def test_corrupt_checkpoint_is_refused_in_one_line(tmp_path):
 def model_server(tmp_path):
     served = tmp_path / "served"
     served.mkdir()
-    payload = default_model_path().read_bytes()
+    payload = (CHECKPOINTS_DIR / PARTS_64_MODEL_NAME).read_bytes()  # a 64 px model under a test name
     (served / "faces.safetensors").write_bytes(payload)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     handler.log_message = lambda *a: None

@@ -134,7 +134,8 @@ def test_closed_stream_drops_its_pending_latent(model):
 @pytest.fixture()
 def editor():
     from webui.state import EditorState
-    st = EditorState.create(default_model_path(), seed=3)
+    from conftest import ui_model_path
+    st = EditorState.create(ui_model_path(), seed=3)  # the pair and the brush strokes below are 64 px pixels
     st.add_pair(20, 40, 27, 44)
     yield st
     st.cleanup()
@@ -246,7 +247,7 @@ def test_the_mask_canvas_follows_the_image_when_a_run_ends(editor):
     alpha[100:180, 60:140] = 255  # painted = flexible
     editor.set_mask_from_layer(alpha)
     before = editor.editor_background()
-    outs = list(App(default_model_path()).run(editor, 5, "", "", "", "", "0.1", "default", "model default", 1))
+    outs = list(App(editor.model_path).run(editor, 5, "", "", "", "", "0.1", "default", "model default", 1))
     canvas = outs[-1][4]
     assert all("background" not in o[4] for o in outs[:-1])  # streamed updates skip the canvas
     assert "background" in canvas and np.array_equal(canvas["background"], editor.editor_background())
@@ -261,7 +262,7 @@ def test_mask_messages_reach_the_status(editor):
     """An all-fixed mask is ignored and a point in the fixed region works against the mask: the
     status says so (a warning), an ordinary mask just reports the update."""
     from webui.app import App
-    app = App(default_model_path())
+    app = App(editor.model_path)
     everything = {"background": None, "layers": [np.full((256, 256, 4), 255, np.uint8)], "composite": None}
     status = app.set_mask(editor, everything, "fixed", True)[2]
     assert status.startswith("⚠") and "ignored" in status, status
@@ -280,7 +281,7 @@ def test_the_canvas_coming_back_after_a_run_keeps_the_runs_status(editor):
     """After a run the app replaces the mask canvas; its change event must not overwrite the run's
     final status nor swap the image again (a second swap could swallow the user's next click)."""
     from webui.app import App
-    app = App(default_model_path())
+    app = App(editor.model_path)
     alpha = np.zeros((256, 256), np.uint8)
     alpha[100:180, 60:140] = 255
     editor.set_mask_from_layer(alpha)

@@ -9,16 +9,18 @@ import pytest
 import torch
 
 from draggan_core.checkpoints import load_generator, read_native_metadata
-from draggan_core.models import default_model_path
+from draggan_core.models import PARTS_64_MODEL_NAME
+from draggan_core.paths import CHECKPOINTS_DIR
 from draggan_core.ops import upsample2d
 from training import faces, train_embedded
 
+BASE_64 = CHECKPOINTS_DIR / PARTS_64_MODEL_NAME  # the model the 128 px one grew from
 NEW_BLOCK = r"^synthesis\.b128\."
 
 
 @pytest.fixture(scope="module")
 def small():
-    return load_generator(default_model_path())
+    return load_generator(BASE_64)
 
 
 def test_grown_model_starts_at_the_64px_image_upsampled(small):
@@ -58,7 +60,7 @@ def test_batches_are_a_pure_function_of_the_step():
 
 
 def _grow_run(out, steps, schedule, extra=()):
-    args = ["--out", str(out), "--grow-from", str(default_model_path()), "--resolution", "128",
+    args = ["--out", str(out), "--grow-from", str(BASE_64), "--resolution", "128",
             "--max-steps", str(steps), "--batch", "2", "--eval-every", "1000", "--threads", "1",
             "--schedule", str(schedule), *extra]
     assert train_embedded.main(args) == 0
@@ -77,7 +79,7 @@ def test_grown_training_trains_the_new_block_first_and_resumes(tmp_path, small):
     assert not torch.equal(after_new_block["G"]["synthesis.b128.torgb.weight"],
                            torch.zeros_like(after_new_block["G"]["synthesis.b128.torgb.weight"]))
     start = json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[0])
-    assert start["step"] == 0 and start["grown_from"] == default_model_path().name and start["psnr"] > 20
+    assert start["step"] == 0 and start["grown_from"] == BASE_64.name and start["psnr"] > 20
 
     resumed = _grow_run(tmp_path / "a", 4, sched, ["--export", str(tmp_path / "m.safetensors")])
     whole = _grow_run(tmp_path / "b", 4, sched)
@@ -92,7 +94,7 @@ def test_grown_training_trains_the_new_block_first_and_resumes(tmp_path, small):
 
     # the snapshot is a 128 px model whose metadata counts the 64 px model's training too
     G = load_generator(tmp_path / "m.safetensors")
-    meta, small_meta = read_native_metadata(tmp_path / "m.safetensors"), read_native_metadata(default_model_path())
+    meta, small_meta = read_native_metadata(tmp_path / "m.safetensors"), read_native_metadata(BASE_64)
     assert G.img_resolution == 128 and G.cfg.channels[128] == 16
     assert int(meta["training_steps"]) == int(small_meta["training_steps"]) + 4
 
@@ -119,7 +121,7 @@ def test_committed_grow_schedule_is_consistent(name):
         st = train_embedded.stage_for(step, args)
         return train_embedded.learning_rate(step, st), st.part_scale, st.part_l2, st.image_l2, st.train_only
     assert all(settings(stages, k) == settings(first, k) for k in range(0, 19_979, 97))
-    grown = train_embedded.grow_generator(load_generator(default_model_path()))
+    grown = train_embedded.grow_generator(load_generator(BASE_64))
     names = [n for n, _ in grown.named_parameters()]
     assert {n for n in names if re.search(NEW_BLOCK, n)} == {n for n in names if n.startswith("synthesis.b128.")}
 

@@ -10,8 +10,10 @@ from draggan_core.checkpoints import load_generator, read_native_metadata
 from draggan_core.drag import DragConfig, DragSession, paste_fixed_region
 from draggan_core.evaluation import flexible_mask
 from draggan_core.latents import seed_to_w
-from draggan_core.models import CHECKPOINTS_DIR, default_model_path, drag_defaults_of
+from draggan_core.models import CHECKPOINTS_DIR, drag_defaults_of
 from draggan_core.networks import Generator, GeneratorConfig
+
+from conftest import ui_model_path
 
 SHIPPED = ("embedded-faces64-parts.safetensors", "embedded-faces64.safetensors", "embedded-faces128-parts.safetensors")
 HANDLE, TARGET = (44.0, 42.0), (47.0, 39.0)  # the right mouth corner of seed 11, up and outwards
@@ -27,7 +29,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def model():
-    path = default_model_path()
+    path = ui_model_path()  # HANDLE, TARGET and the masks are 64 px pixels
     return load_generator(path), drag_defaults_of(path)
 
 
@@ -113,7 +115,7 @@ def test_shipped_models_carry_mask_settings(name):
 def test_fixed_mode_brushing_inverts_the_region():
     from webui.state import EditorState, editor_alpha
 
-    st = EditorState.create(default_model_path(), seed=2)
+    st = EditorState.create(ui_model_path(), seed=2)
     try:
         layer = np.zeros((256, 256, 4), np.uint8)
         layer[:128, :, 3] = 255  # the top half of the canvas painted

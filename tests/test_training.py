@@ -250,8 +250,9 @@ def test_image_head_fine_tune_keeps_every_drag_on_the_same_latent_path(tmp_path)
     from draggan_core.checkpoints import load_generator
     from draggan_core.drag import DragConfig, DragSession
     from draggan_core.latents import seed_to_w
-    from draggan_core.models import default_model_path, drag_defaults_of
-    base = default_model_path()
+    from draggan_core.models import PARTS_64_MODEL_NAME, drag_defaults_of
+    from draggan_core.paths import CHECKPOINTS_DIR
+    base = CHECKPOINTS_DIR / PARTS_64_MODEL_NAME  # the 64 px model the image-head preset was written for
     tuned_path = tmp_path / "m.safetensors"
     state = _run(tmp_path / "head", 3, ["--init-model", str(base), "--train-only", "image-head", "--part-l2", "8",
                                         "--part-scale", "1,3,8,2", "--export", str(tuned_path)])

@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore")]
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "screenshot.png"
-MODEL_RES = 64
+MODEL_RES = 64         # ui_server's model (conftest.ui_model_path)
+DEFAULT_MODEL_RES = 128  # default_ui_server's: the default model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,12 +54,12 @@ def image_rect(page: Page) -> dict:
                 s: s, n: i.naturalWidth, src: i.src}; }""")
 
 
-def click_model_pixel(page: Page, x: int, y: int, rect: dict | None = None):
+def click_model_pixel(page: Page, x: int, y: int, rect: dict | None = None, res: int = MODEL_RES):
     # the previous click's new frame must have finished loading, or the click may miss the bitmap
     page.wait_for_function("() => { const i = document.querySelector('#canvas img');"
                            " return i && i.complete && i.naturalWidth > 0; }", timeout=45_000)
     r = rect or image_rect(page)
-    f = r["n"] / MODEL_RES  # server-side integer upscale factor
+    f = r["n"] / res  # server-side integer upscale factor
     page.mouse.click(r["x"] + (x + 0.5) * f * r["s"], r["y"] + (y + 0.5) * f * r["s"])
 
 
@@ -209,14 +210,16 @@ def test_stop_resume_upload_and_export(ui_server, page: Page, tmp_path):
     assert Image.open(path).size == (MODEL_RES, MODEL_RES)
 
 
-def test_screenshot_with_points(ui_server, page: Page):
-    """docs/screenshot.png: the app at 1280x900 with two drags (mouth corners outwards) placed."""
-    open_app(page, ui_server["url"])
+def test_screenshot_with_points(default_ui_server, page: Page):
+    """The app as it starts (the default model, 128 px shown x4) runs a two-point drag, and
+    docs/screenshot.png shows it at 1280x900 with both drags (mouth corners outwards) placed."""
+    open_app(page, default_ui_server["url"])
     rect = image_rect(page)
-    for h, t in (((30, 49), (26, 46)), ((43, 49), (47, 46))):
-        click_model_pixel(page, *h, rect)
+    assert rect["n"] == 512 and rect["s"] == 1  # 128 px upscaled x4 on the server, drawn 1:1
+    for h, t in (((56, 93), (52, 88)), ((84, 98), (88, 93))):  # seed 0's mouth corners, up and outwards
+        click_model_pixel(page, *h, rect, res=DEFAULT_MODEL_RES)
         wait_text(page, "points", rf"handle \({h[0]}, {h[1]}\) placed", 45_000)
-        click_model_pixel(page, *t, rect)
+        click_model_pixel(page, *t, rect, res=DEFAULT_MODEL_RES)
         wait_text(page, "points", rf"-> target \({t[0]}, {t[1]}\)", 45_000)
     page.evaluate("() => window.scrollTo(0, 0)")
     page.wait_for_function("() => document.querySelector('#canvas img').complete", timeout=45_000)
@@ -224,5 +227,9 @@ def test_screenshot_with_points(ui_server, page: Page):
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT))
     assert Image.open(SCREENSHOT).size == (1280, 900)
+    src0 = image_rect(page)["src"]
     page.mouse.click(*button_center(page, "start"))
-    wait_text(page, "status", r"done|max steps", 90_000)
+    final = wait_text(page, "status", r"done|max steps", 120_000)
+    distances = [float(d) for d in re.findall(r"distance ([\d.]+)", text(page, "points"))]
+    assert len(distances) == 2 and max(distances) <= 2.0, (final, text(page, "points"))
+    assert image_rect(page)["src"] != src0  # a new frame arrived

@@ -19,18 +19,19 @@ import argparse
 
 import torch
 
-from draggan_core.models import default_model_path
+from draggan_core.models import PARTS_64_MODEL_NAME, PARTS_128_MODEL_NAME
 from draggan_core.networks import Generator, GeneratorConfig
+from draggan_core.paths import CHECKPOINTS_DIR
 from training.train_embedded import (GROW128_DRAG_DEFAULTS_FILE, PARTS_DRAG_DEFAULTS_FILE, base_info, compact_state,
                                      export_model, mapping_frozen, read_drag_defaults)
 
-MODEL_128_PATH = default_model_path().with_name("embedded-faces128-parts.safetensors")
+MODEL_64_PATH, MODEL_128_PATH = CHECKPOINTS_DIR / PARTS_64_MODEL_NAME, CHECKPOINTS_DIR / PARTS_128_MODEL_NAME
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--state", default="runs/cpu6h/last.pt")
-    p.add_argument("--out", default=None, help=f"default: {default_model_path()} for a 64 px state, {MODEL_128_PATH} "
+    p.add_argument("--out", default=None, help=f"default: {MODEL_64_PATH} for a 64 px state, {MODEL_128_PATH} "
                                                "for a 128 px one")
     p.add_argument("--drag-defaults", default=None, help="JSON drag defaults for the metadata (default: "
                                                          f"{PARTS_DRAG_DEFAULTS_FILE.name}, at 128 px {GROW128_DRAG_DEFAULTS_FILE.name})")
@@ -48,7 +49,7 @@ def main(argv=None):
     large = cfg.img_resolution > 64
     drag_defaults = read_drag_defaults(
         args.drag_defaults or (GROW128_DRAG_DEFAULTS_FILE if large else PARTS_DRAG_DEFAULTS_FILE), p)
-    out = args.out or (MODEL_128_PATH if large else default_model_path())
+    out = args.out or (MODEL_128_PATH if large else MODEL_64_PATH)
     G_ema = Generator(cfg)
     G_ema.load_state_dict(state["G_ema"])
     train_only = state.get("train_only") or None

@@ -42,9 +42,8 @@ CSS = """
 
 # measured: docs/evaluation.md#masks (default model, 100 test pairs, 1 point)
 MASK_HINT = ("The mask keeps the rest of the image close, not frozen: on the default model's test edits "
-             "the mean change outside it fell from 8.5 to 2.0 (of 255), mostly near the region's edge, and handles ended "
-             "about 0.25 px further from their targets. After the handles arrive, a few more steps let "
-             "the rest settle. The image is always the generator's own.")
+             "the mean change outside it fell from 6.8 to 2.0 (of 255), mostly near the region's edge, and handles ended "
+             "about 0.4 px further from their targets. The image is always the generator's own.")
 
 INTRO = """### DragGAN on CPU
 **1.** Click a point on the image (**red** handle), **2.** click where it should go (**blue** target),

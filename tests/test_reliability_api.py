@@ -282,11 +282,21 @@ def test_many_points_hit_the_cap(ui_server):
 # run settings, models
 # --------------------------------------------------------------------------------------------------
 
+def test_a_negative_seed_is_refused_by_our_message_and_logs_no_traceback(ui_server, edited):
+    before, log_start = debug(edited), ui_server["log"].stat().st_size
+    status = refused(edited, "/set_seed", -5, 0.7)
+    assert "seed must be between 0 and" in status, status
+    assert debug(edited) == before
+    with open(ui_server["log"], "rb") as log:
+        log.seek(log_start)
+        assert b"Traceback" not in log.read()
+
+
 def test_bad_run_settings_start_nothing(ui_server, edited):
     before = debug(edited)
     #          steps, lr, r1, r2, lambda, stop, tracking, space, every
     good = [10, "", "", "", 20, "", "default", "W+", 1]
-    for i, bad in [(1, "nan"), (1, "1e999"), (2, "-3"), (5, "inf"), (4, float("1e30"))]:
+    for i, bad in [(1, "nan"), (1, "1e999"), (2, "-3"), (5, "inf"), (4, float("1e30")), (8, 0), (8, -3)]:
         args = list(good)
         args[i] = bad
         text = refused(edited, "/run", *args)

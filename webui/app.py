@@ -7,6 +7,7 @@ The session logic lives in `webui.state` (no gradio there); this module lays out
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import time
@@ -104,6 +105,19 @@ def latent_handler(fn):
         except Exception as e:
             return gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st, gr.skip(), gr.skip(), gr.skip()
     return wrapper
+
+
+def frame_interval(value) -> int:
+    """The "show a frame every k steps" field: a whole number >= 1 (blank means 1)."""
+    if value is None or value == "":
+        return 1
+    try:
+        k = float(value)
+    except (TypeError, ValueError):
+        raise UIError(f"show a frame every k steps: k must be a number, got {value!r}") from None
+    if not (math.isfinite(k) and k >= 1 and k == int(k)):
+        raise UIError("show a frame every k steps: k must be a whole number, 1 or more")
+    return int(k)
 
 
 class App:
@@ -338,7 +352,7 @@ class App:
                                  stop_distance=stop_v,
                                  tracking=None if tracking_v in (None, "", "default") else tracking_v,
                                  w_mode=w_mode_v)
-            every = max(1, int(every_v or 1))
+            every = frame_interval(every_v)
         except UIError as e:
             yield gr.skip(), gr.skip(), _warn(str(e)), st, gr.skip()
             return
@@ -434,7 +448,8 @@ def build_demo(model: str | os.PathLike | None = None, first_state: EditorState 
             with gr.Column(scale=2, min_width=360):
                 with gr.Accordion("Latent", open=True):
                     with gr.Row():
-                        seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed", scale=2,
+                        # no `minimum`: gradio would refuse with a server traceback; set_seed says why instead
+                        seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed", scale=2,
                                      info="press Enter for a new image")
                         rand_btn = gr.Button("Random seed", elem_id="random_seed", scale=1)
                     psi = gr.Slider(0.0, 1.2, value=0.7, step=0.05, label="Truncation psi",
@@ -479,8 +494,8 @@ def build_demo(model: str | os.PathLike | None = None, first_state: EditorState 
                                             elem_id="r2")
                         with gr.Row():
                             stop_d = gr.Textbox(label="stop distance (px)", value="", placeholder="auto", elem_id="stop_distance")
-                            display_every = gr.Number(label="show a frame every k steps", value=1, minimum=1,
-                                                      precision=0, elem_id="display_every")
+                            display_every = gr.Number(label="show a frame every k steps", value=1,
+                                                      precision=0, elem_id="display_every")  # checked in run
                         tracking = gr.Radio(["default", "L1", "L2"], value="default", label="Tracking norm",
                                             elem_id="tracking")
 

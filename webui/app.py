@@ -41,7 +41,7 @@ CSS = """
 .hint { font-size: 14px; }
 """
 
-# measured: docs/evaluation.md#masks (default model, 100 test pairs, 1 point)
+# measured: docs/evaluation.md#masks (default model, 30 test pairs, 1 point)
 MASK_HINT = ("The mask keeps the rest of the image close, not frozen: on the default model's test edits "
              "the mean change outside it fell from 6.8 to 2.0 (of 255), mostly near the region's edge, and handles ended "
              "about 0.4 px further from their targets. The image is always the generator's own.")

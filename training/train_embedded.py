@@ -259,7 +259,7 @@ def save_grid(path, real, fake, n=16, scale=3):
     Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST).save(path)
 
 
-def widen_z_fourier(state: dict, cfg: GeneratorConfig, k_max: int, fc0_index: int) -> GeneratorConfig:
+def widen_z_fourier(state: dict, cfg: GeneratorConfig, k_max: int, fc0_index: int) -> None:
     """Give a training state's mapping the z Fourier features (`GeneratorConfig.mapping_z_fourier`), in
     place: fc0 gains zero weights for the new inputs, and its stored weights and Adam moments are rescaled
     for the layer's new equalised-lr gain, so G's function is unchanged and training continues from it."""
@@ -279,7 +279,6 @@ def widen_z_fourier(state: dict, cfg: GeneratorConfig, k_max: int, fc0_index: in
         moments["exp_avg"] = widen(moments["exp_avg"], 1 / gain_ratio)
         moments["exp_avg_sq"] = widen(moments["exp_avg_sq"], 1 / gain_ratio ** 2)
     state["config"] = cfg.to_json()
-    return cfg
 
 
 def base_info(path) -> dict:
@@ -399,13 +398,9 @@ def main(argv=None):
         cfg = embedded_config(args.resolution)
     if cfg.img_resolution != args.resolution:
         p.error(f"{source} holds a {cfg.img_resolution} px model: resume it with --resolution {cfg.img_resolution}")
-    pattern = trainable_pattern(args.train_only)
-    if state is not None and args.z_fourier and cfg.mapping_z_fourier == 0:
-        order = [n for n, _ in Generator(cfg).named_parameters() if pattern is None or re.search(pattern, n)]
-        if "mapping.fc0.weight" not in order:
-            p.error("--z-fourier adds inputs to the mapping: it must be trained (see --train-only)")
-        cfg = widen_z_fourier(state, cfg, args.z_fourier, order.index("mapping.fc0.weight"))
-        print(f"{source}: mapping given z Fourier features k <= {args.z_fourier}", file=sys.stderr)
+    unwidened = cfg if state is not None and args.z_fourier and cfg.mapping_z_fourier == 0 else None
+    if unwidened is not None:  # the state is widened below, once the optimiser's parameter order is known
+        cfg = dataclasses.replace(cfg, mapping_z_fourier=args.z_fourier)
     G = Generator(cfg, trainable=True)
     G_ema = Generator(cfg)
     G_ema.load_state_dict(G.state_dict())
@@ -420,9 +415,16 @@ def main(argv=None):
         G.load_state_dict(init.state_dict())  # w_avg included: a frozen mapping keeps it
         G_ema.load_state_dict(init.state_dict())
         base = base_info(args.init_model)
+    pattern = trainable_pattern(args.train_only)
     trainable = [(n, q) for n, q in G.named_parameters() if pattern is None or re.search(pattern, n)]
     if not trainable:
         p.error(f"--train-only {args.train_only}: matches no parameter")
+    if unwidened is not None:
+        order = [n for n, _ in trainable]
+        if "mapping.fc0.weight" not in order:
+            p.error("--z-fourier adds inputs to the mapping: it must be trained (see --train-only)")
+        widen_z_fourier(state, unwidened, args.z_fourier, order.index("mapping.fc0.weight"))
+        print(f"{source}: mapping given z Fourier features k <= {args.z_fourier}", file=sys.stderr)
     names = {n for n, _ in trainable}
     for n, q in G.named_parameters():
         q.requires_grad_(n in names)

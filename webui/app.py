@@ -7,7 +7,6 @@ The session logic lives in `webui.state` (no gradio there); this module lays out
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ from draggan_core.models import CHECKPOINTS_DIR  # noqa: E402
 from draggan_core.registry import DownloadError, download, list_models  # noqa: E402
 
 from .state import (EDITOR_SIZE, EditorState, UIError, editor_alpha, env_max_steps,  # noqa: E402
-                    model_choices, resolve_model_path)
+                    model_choices, parse_setting, resolve_model_path)
 from . import state as editor_state  # noqa: E402  (its ENGINE is set before the UI is built)
 
 MAX_UPLOAD = "20mb"
@@ -105,19 +104,6 @@ def latent_handler(fn):
         except Exception as e:
             return gr.skip(), gr.skip(), _warn(_log_unexpected(e)), st, gr.skip(), gr.skip(), gr.skip()
     return wrapper
-
-
-def frame_interval(value) -> int:
-    """The "show a frame every k steps" field: a whole number >= 1 (blank means 1)."""
-    if value is None or value == "":
-        return 1
-    try:
-        k = float(value)
-    except (TypeError, ValueError):
-        raise UIError(f"show a frame every k steps: k must be a number, got {value!r}") from None
-    if not (math.isfinite(k) and k >= 1 and k == int(k)):
-        raise UIError("show a frame every k steps: k must be a whole number, 1 or more")
-    return int(k)
 
 
 class App:
@@ -352,7 +338,7 @@ class App:
                                  stop_distance=stop_v,
                                  tracking=None if tracking_v in (None, "", "default") else tracking_v,
                                  w_mode=w_mode_v)
-            every = frame_interval(every_v)
+            every = parse_setting(every_v, "k (show a frame every k steps)", 1, 100_000, integer=True) or 1
         except UIError as e:
             yield gr.skip(), gr.skip(), _warn(str(e)), st, gr.skip()
             return

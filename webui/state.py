@@ -117,6 +117,20 @@ def _resize_nearest(img: np.ndarray, factor: int) -> np.ndarray:
     return img if factor == 1 else np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
 
 
+def parse_setting(v, name, lo, hi, integer=False):
+    """A run-settings field: None for blank (the model's default), else a finite number in [lo, hi]
+    (rounded for integer settings); UIError says what is wrong."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        raise UIError(f"{name} must be a number") from None
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise UIError(f"{name} must be between {lo:g} and {hi:g}")
+    return int(round(v)) if integer else v
+
+
 @dataclass
 class EditorState:
     model_path: str
@@ -463,23 +477,12 @@ class EditorState:
     def configure(self, max_steps=None, lr=None, r1=None, r2=None, lambda_mask=None, stop_distance=None,
                   tracking=None, w_mode=None) -> int:
         """Apply run settings (None / blank = model default). Returns the number of steps to run."""
-        def num(v, name, lo, hi, integer=False):
-            if v is None or (isinstance(v, str) and not v.strip()):
-                return None
-            try:
-                v = float(v)
-            except (TypeError, ValueError):
-                raise UIError(f"{name} must be a number") from None
-            if not (math.isfinite(v) and lo <= v <= hi):
-                raise UIError(f"{name} must be between {lo:g} and {hi:g}")
-            return int(round(v)) if integer else v
-
-        steps = num(max_steps, "max steps", 1, 100_000, integer=True) or 300
+        steps = parse_setting(max_steps, "max steps", 1, 100_000, integer=True) or 300
         bound = env_max_steps()
         if bound is not None:
             steps = min(steps, bound)
         cfg = self.session.config
-        lam = num(lambda_mask, "lambda", 0, 1e4)
+        lam = parse_setting(lambda_mask, "lambda", 0, 1e4)
         tracking = (tracking or "").lower() or None
         if tracking not in (None, "l1", "l2"):
             raise UIError("tracking must be L1 or L2")
@@ -488,10 +491,10 @@ class EditorState:
         if w_mode not in (None, "w", "w+"):
             raise UIError("latent space must be W or W+")
         new = DragConfig(
-            lr=num(lr, "learning rate", 1e-6, 0.5), r1=num(r1, "r1", 0.5, 64), r2=num(r2, "r2", 1, 64, integer=True),
+            lr=parse_setting(lr, "learning rate", 1e-6, 0.5), r1=parse_setting(r1, "r1", 0.5, 64), r2=parse_setting(r2, "r2", 1, 64, integer=True),
             lambda_mask=lam,
             feature_res=cfg.feature_res, num_optimized_ws=cfg.num_optimized_ws, w_mode=w_mode,
-            tracking=tracking, stop_distance=num(stop_distance, "stop distance", 0, 64), max_steps=steps,
+            tracking=tracking, stop_distance=parse_setting(stop_distance, "stop distance", 0, 64), max_steps=steps,
             noise_mode=cfg.noise_mode, display_every=0, compat=cfg.compat, windowed=cfg.windowed)
         try:
             new.resolve(self.G, max(1, len(self.session.pairs)), self.session.model_defaults)

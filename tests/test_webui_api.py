@@ -259,3 +259,23 @@ def test_page_carries_the_first_image():
     assert shown.shape == expected.shape and np.array_equal(shown, expected)
     loaded = App(ui_model_path()).on_load(None)[0]
     assert np.array_equal(loaded, expected)
+
+
+def test_a_click_racing_the_page_load_event_is_kept():
+    """A quick first click and the page's load event both start without a state; each gets the
+    session's one new state, so the load event returning last does not drop the click's point."""
+    import types
+
+    import gradio as gr
+    from conftest import ui_model_path
+    from webui.app import App
+
+    app = App(ui_model_path())
+    me, other = types.SimpleNamespace(session_hash="me"), types.SimpleNamespace(session_hash="other")
+    click = gr.SelectData(None, {"index": [20 * 8, 40 * 8], "value": None})
+    clicked = app.on_click(None, click, me)[3]
+    loaded = app.on_load(None, me)[3]
+    assert loaded is clicked
+    assert "handle (20, 40) placed" in app.on_load(None, me)[1]
+    assert app.on_load(None, other)[3] is not clicked  # another visitor: a state of its own
+    assert app.ensure(None) is not app.ensure(None)  # no session (the Python API): a new state each time

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -32,6 +33,7 @@ MAX_UPLOAD = "20mb"
 # limit (DecompressionBombError), so nothing larger than 2048x2048 is decoded. The editor sends 256x256.
 MAX_IMAGE_PIXELS = 2048 * 2048 // 2
 STATE_TTL_S = 3 * 3600
+NEW_STATE_S = 60  # how long App.ensure hands a new session's state to its other first events
 
 CSS = """
 #canvas img { cursor: crosshair; }
@@ -111,11 +113,24 @@ class App:
 
     def __init__(self, model_path: Path):
         self.model_path = Path(model_path)
+        # a new visitor's page fires its load event and, if the user is quick, a click at the same
+        # time; both handlers see no state yet, and the one returning last would replace the other's
+        # state (the click lost). Keyed by session, both get the same new state for NEW_STATE_S.
+        self._new_states: dict[str, tuple[float, EditorState]] = {}
+        self._new_states_lock = threading.Lock()
 
-    def ensure(self, st: EditorState | None) -> EditorState:
-        if st is None:
-            st = EditorState.create(self.model_path)
-        return st
+    def ensure(self, st: EditorState | None, request: gr.Request | None = None) -> EditorState:
+        if st is not None:
+            return st
+        session = getattr(request, "session_hash", None)
+        if session is None:
+            return EditorState.create(self.model_path)
+        with self._new_states_lock:
+            now = time.monotonic()
+            self._new_states = {k: v for k, v in self._new_states.items() if now - v[0] < NEW_STATE_S}
+            if session not in self._new_states:
+                self._new_states[session] = (now, EditorState.create(self.model_path))
+            return self._new_states[session][1]
 
     def view(self, st: EditorState, status: str | None = None):
         # return the status passed in, not st.last_status read back: a run that has just ended may
@@ -127,9 +142,9 @@ class App:
         return st.frame_output(), st.points_text(), status, st
 
     # ------------------------------------------------------------------ page load / latent
-    def on_load(self, st):
+    def on_load(self, st, request: gr.Request = None):
         try:
-            st = self.ensure(st)
+            st = self.ensure(st, request)
             # a new visitor's image is already on the page (the canvas's initial value); gradio
             # caches files by content, so the same image comes back under the same URL: no reload
             out = self.view(st, "click a handle, then its target, then Start")
@@ -215,9 +230,9 @@ class App:
         return f"{kind} at ({int(x)}, {int(y)})" + (": now click its target" if kind == "handle" else
                                                     ": press Start to drag")
 
-    def on_click(self, st, evt: gr.SelectData):
+    def on_click(self, st, evt: gr.SelectData, request: gr.Request = None):
         try:
-            st = self.ensure(st)
+            st = self.ensure(st, request)
             if evt is None or evt.index is None:
                 raise UIError("click inside the image")
             f = st.factor

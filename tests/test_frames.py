@@ -19,6 +19,17 @@ from draggan_core.networks import Generator, GeneratorConfig
 
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Results here are compared exactly across threads (the drag's, the frame renderer's, the test's).
+    With several intra-op threads, a thread whose pool is busy or sized differently splits reductions
+    differently (e.g. two sessions' latents 5e-5 apart after 15 steps at 128 px): not what is tested."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model():
     return ModelStore().get(default_model_path())

@@ -460,7 +460,7 @@ def build_demo(model: str | os.PathLike | None = None, first_state: EditorState 
                     latent_file = gr.File(label="Upload latent (.npy / .pt)", file_types=[".npy", ".pt", ".pth"],
                                           type="filepath", elem_id="latent_upload", height=120)
                     latent_dl_btn = gr.Button("Download current latent (.npy)", elem_id="latent_download", size="sm")
-                    image_file = gr.File(label="Edit your own image (GAN inversion, ~20 s)", type="filepath",
+                    image_file = gr.File(label="Edit your own image (GAN inversion, 150 steps)", type="filepath",
                                          file_types=["image"], elem_id="image_upload", height=120)
 
                 with gr.Accordion("Mask (optional)", open=True):

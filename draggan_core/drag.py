@@ -36,6 +36,8 @@ from .networks import Generator, to_uint8_image
 from .windowed import features_in_window
 
 COMPAT_MODES = ("ours", "official")
+# how a run ends: every handle arrived; max steps; a handle lost its feature; no progress; rolled back
+RUN_ENDS = ("arrived", "max_steps", "lost_handle", "stalled", "diverged")
 # drag-default settings a model card may give a separate value for edits with several points
 MULTI_POINT_SETTINGS = ("lr", "r1")
 
@@ -60,6 +62,13 @@ class DragConfig:
     stop_distance: float | None = None
     subpixel: bool | None = None       # refine tracked handles below a pixel (not in the paper)
     adaptive_step: bool | None = None  # motion step min(1, distance) px instead of 1 px (not in the paper)
+    # knowing when to stop (not in the paper; 0 turns each off): a handle whose best match in its
+    # tracking window differs from its reference by more than `lost_match` (relative L1) has lost its
+    # feature; a run whose best distance has not improved for `patience` steps is stuck. Either ends
+    # the run at the best state seen (the smallest mean tracked distance while every handle was held)
+    lost_match: float | None = None
+    patience: int | None = None
+    lambda_w0: float | None = None     # pull towards the latent the edit started from: mean (w - w0)^2
     max_steps: int = 300
     noise_mode: str = "const"
     display_every: int = 10            # render the image every k steps (0: only at the end)
@@ -125,6 +134,12 @@ class DragConfig:
             c.mask_hold_anchor = 0.0 if official else float(md.get("mask_hold_anchor", 0.0))
         if c.mask_feather is None:  # not in the paper (a hard edge)
             c.mask_feather = 0.0 if official else float(md.get("mask_feather", 0.0))
+        if c.lost_match is None:
+            c.lost_match = 0.0 if official else float(md.get("lost_match", 0.0))
+        if c.patience is None:
+            c.patience = 0 if official else int(md.get("patience", 0))
+        if c.lambda_w0 is None:
+            c.lambda_w0 = 0.0 if official else float(md.get("lambda_w0", 0.0))
         if c.stop_distance is None:
             paper_rule = 1.0 if num_points <= 5 else 2.0
             c.stop_distance = max(2 * res / 512, 2.0) if official else md.get("stop_distance", paper_rule)
@@ -133,7 +148,8 @@ class DragConfig:
         if c.w_mode not in ("w", "w+"):
             raise ValueError("w_mode must be 'w' or 'w+'")
         if (not (0 < c.lr < 1) or c.r1 <= 0 or c.r2 < 1 or c.max_steps < 0 or c.lambda_mask < 0
-                or c.lambda_image < 0 or c.mask_hold_steps < 0 or c.mask_feather < 0 or c.mask_hold_anchor < 0):
+                or c.lambda_image < 0 or c.mask_hold_steps < 0 or c.mask_feather < 0 or c.mask_hold_anchor < 0
+                or c.lost_match < 0 or c.patience < 0 or c.lambda_w0 < 0):
             raise ValueError("invalid drag settings: need 0 < lr < 1, r1 > 0, r2 >= 1, max_steps >= 0, lambda >= 0")
         c.num_optimized_ws = int(min(max(c.num_optimized_ws, 1), G.num_ws))
         return c
@@ -146,6 +162,7 @@ class PointPair:
     origin: tuple[float, float]     # where the user put the handle
     reference: torch.Tensor | None = None  # features around the handle when it was placed, [K, C]
     anchor: torch.Tensor | None = None     # the same on the motion-supervision block (mask_hold_anchor)
+    match: float = 0.0                     # relative L1 distance of the last tracked match to the reference
 
 
 @dataclass
@@ -161,8 +178,10 @@ class StepResult:
     reached: bool
     seconds: float
     image: np.ndarray | None = None    # HxWx3 uint8 when rendered this step
-    message: str | None = None         # set when the run had to stop abnormally (rolled back)
+    message: str | None = None         # how the run ended, when not simply "arrived" (for the user)
     loss_image: float = 0.0            # keep term on the image (unweighted mean), when used
+    matches: list[float] = dataclasses.field(default_factory=list)  # per handle: relative match distance
+    end: str | None = None             # on the last result of a run: one of RUN_ENDS
 
 
 class DragError(ValueError):
@@ -330,6 +349,11 @@ class DragSession:
         for group in self._opt.param_groups:
             group["lr"] = cfg.lr
 
+    def _start_param(self) -> torch.Tensor:
+        """The initial latent in the optimised parameter's layout."""
+        n, mode = self._param_layout
+        return self.w_initial[:, :1] if mode == "w" else self.w_initial[:, :n]
+
     def _rollback(self, good_param: torch.Tensor, good_handles, cfg: DragConfig):
         """Restore the last finite latent and handles; Adam's moments may be poisoned: start fresh."""
         with torch.no_grad():
@@ -362,6 +386,7 @@ class DragSession:
                 p.reference = None
         self._reference_key = key
         engine = _OfficialEngine(self, cfg) if cfg.compat == "official" else _Engine(self, cfg)
+        best = _BestState(self) if cfg.compat != "official" else None
         for k in range(steps + 1):
             t0 = time.perf_counter()
             good_param = self._param.detach().clone()
@@ -373,14 +398,72 @@ class DragSession:
                 self._rollback(good_param, good_handles, cfg)
                 result.handles = good_handles
                 result.distances = [math.dist(p.handle, p.target) for p in self.pairs]
-                result.done, result.reached = True, False
+                result.done, result.reached, result.end = True, False, "diverged"
                 result.message = (f"the optimisation diverged (non-finite or huge values) at step {self.step_count}; "
                                   "rolled back to the last good latent - try a smaller learning rate")
+            elif best is not None:
+                best.observe(result, good_param, cfg)
+            if result.done and result.end is None:
+                result.end = "arrived" if result.reached else "max_steps"
             if result.done or k == steps or (cfg.display_every and result.step % cfg.display_every == 0):
                 result.image = self.render()
             yield result
             if result.done:
                 return
+
+
+class _BestState:
+    """Watches a run of our engine: remembers the best state (smallest mean tracked distance while
+    every handle still matched its feature) and ends the run there when a handle has lost its
+    feature (`lost_match`) or when nothing improved for `patience` steps.
+
+    A result's handles and distances describe the latent *before* that step's update (tracking runs
+    on the current features first), so the state kept with them is the parameter before the step.
+    """
+
+    def __init__(self, session: DragSession):
+        self.s = session
+        self.score = math.inf
+        self.param = self.handles = self.distances = None
+        self.step = session.step_count
+
+    def observe(self, result: StepResult, param_before: torch.Tensor, cfg: DragConfig):
+        s = self.s
+        lost = [i for i, m in enumerate(result.matches) if cfg.lost_match > 0 and m > cfg.lost_match]
+        step_of_result = s.step_count - (1 if not result.done else 0)  # the result describes the state before the step
+        score = sum(result.distances) / len(result.distances)
+        if not lost and score < self.score - 1e-6:
+            self.score, self.param, self.step = score, param_before, step_of_result
+            self.handles, self.distances = list(result.handles), list(result.distances)
+        if result.done and result.reached:  # arrived: this very state is the result
+            return
+        if lost:
+            end = "lost_handle"
+            who = "the handle" if len(result.distances) == 1 else \
+                "handle " + " and ".join(str(i + 1) for i in lost)
+            why = f"{who} stopped following {'its feature' if len(lost) == 1 else 'their features'} at step {step_of_result}"
+        elif cfg.patience and step_of_result - self.step >= cfg.patience:
+            end, why = "stalled", f"no handle came closer for {cfg.patience} steps (step {step_of_result})"
+        else:  # max steps is a pause, not an end: Start goes on from here as if it had never stopped
+            return
+        kept = "kept this result"
+        if self.param is not None:  # (also undoes this step's update when the best is the state before it)
+            self.restore()
+            if self.step != step_of_result:
+                kept = f"kept the best result (step {self.step})"
+        result.handles, result.distances = [p.handle for p in s.pairs], [math.dist(p.handle, p.target) for p in s.pairs]
+        result.done, result.reached, result.end = True, False, end
+        result.step = s.step_count
+        result.message = f"{why}: {kept}; distances " + ", ".join(f"{d:.1f}" for d in result.distances) + " px"
+
+    def restore(self):
+        s = self.s
+        with torch.no_grad():
+            s._param.copy_(self.param)
+        s._opt = torch.optim.Adam([s._param], lr=s._opt.param_groups[0]["lr"])  # moments of a later state
+        for p, h in zip(s.pairs, self.handles):
+            p.handle = h
+        s.step_count = self.step
 
 
 MAX_LATENT_ABS = 1e4
@@ -445,6 +528,8 @@ def _optimise_and_report(s: DragSession, cfg: DragConfig, distances, done: bool,
     loss = loss_motion + cfg.lambda_mask * loss_mask
     if loss_image is not None:
         loss = loss + cfg.lambda_image * loss_image
+    if cfg.lambda_w0 > 0:  # stay near the face the edit started from
+        loss = loss + cfg.lambda_w0 * (s._param - s._start_param()).square().mean()
     if optimise and not done:
         s._opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -454,7 +539,8 @@ def _optimise_and_report(s: DragSession, cfg: DragConfig, distances, done: bool,
                       distances=distances, loss=loss.detach().item(), loss_motion=loss_motion.detach().item(),
                       loss_mask=loss_mask.detach().item(), done=done or not optimise,
                       reached=done if arrived is None else arrived, seconds=0.0,
-                      loss_image=0.0 if loss_image is None else loss_image.detach().item())
+                      loss_image=0.0 if loss_image is None else loss_image.detach().item(),
+                      matches=[p.match for p in s.pairs])
 
 
 class _FeatureWindow:
@@ -578,13 +664,18 @@ class _Engine:
         cfg = dataclasses.replace(self.cfg, feature_res=self.cfg.track_res)
         return windowed_features(self.G, cfg, ws.detach(), centres, self.margin, full=False)[0]
 
-    def _nearest(self, fw: "_FeatureWindow", reference: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        """The candidate point [2] whose (patch) features are nearest to the reference."""
+    def _nearest(self, fw: "_FeatureWindow", reference: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The candidate point [2] whose (patch) features are nearest to the reference, and how far
+        they are from it relative to the reference's own size (0: the feature itself)."""
         cand = cand[((cand >= 0) & (cand <= self.res - 1)).all(dim=1)]
         feats = fw.sample((cand[:, None] + self.patch[None]).reshape(-1, 2)).reshape(len(cand), len(self.patch), -1)
         diff = feats - reference[None]
-        dist = diff.abs().sum(dim=(1, 2)) if self.cfg.tracking == "l1" else diff.square().sum(dim=(1, 2))
-        return cand[int(torch.argmin(dist))]
+        if self.cfg.tracking == "l1":
+            dist, size = diff.abs().sum(dim=(1, 2)), reference.abs().sum()
+        else:
+            dist, size = diff.square().sum(dim=(1, 2)), reference.square().sum()
+        best = int(torch.argmin(dist))
+        return cand[best], float(dist[best] / size.clamp_min(1e-12))
 
     # --- one step
     def step(self, optimise: bool) -> StepResult:
@@ -613,10 +704,10 @@ class _Engine:
         with torch.no_grad():
             for p, fw in zip(pairs, self.tracking_features(ws, [p.handle for p in pairs], wins)):
                 centre = torch.tensor(p.handle, dtype=torch.float32, device=device)
-                best = self._nearest(fw, p.reference, centre + self.square)
+                best, p.match = self._nearest(fw, p.reference, centre + self.square)
                 if cfg.subpixel:  # two finer searches around the best pixel: 1/4 px, then 1/16 px
-                    best = self._nearest(fw, p.reference, best + self.fine)
-                    best = self._nearest(fw, p.reference, best + self.fine / 4)
+                    best, p.match = self._nearest(fw, p.reference, best + self.fine)
+                    best, p.match = self._nearest(fw, p.reference, best + self.fine / 4)
                 p.handle = as_point(best[0], best[1])
 
         distances = [math.dist(p.handle, p.target) for p in pairs]

@@ -316,7 +316,8 @@ class StateEvent:
 
 @dataclass
 class EndEvent:
-    reason: str                        # "done", "max_steps", "cancelled", "diverged", "lost", "error"
+    reason: str                        # "done", "max_steps", "cancelled", "diverged", "lost" (the engine), "error",
+                                       # or a run's own end (drag.RUN_ENDS): "lost_handle", "stalled"
     step: int
     message: str | None = None
     engine: dict = field(default_factory=dict)  # who served the run (e.g. the replica)
@@ -478,7 +479,7 @@ class LocalEngine(Engine):
                         threads.refresh()
                     yield StepEvent(result)
                     if result.done:
-                        reason = ("diverged" if result.message else "done" if result.reached else "max_steps")
+                        reason = {"arrived": "done", None: "done" if result.reached else "max_steps"}.get(result.end, result.end)
                         break
                     if cancel.is_set():
                         break

@@ -142,7 +142,7 @@ def test_detector_error_on_renders():
 def test_part_checks_fail_on_blank_and_blurry_faces():
     from training import faces
     from training.landmarks import gaussian_blur
-    from training.model_metrics import part_checks
+    from draggan_core.face_checks import part_checks
     det = LandmarkDetector.load()
     imgs = torch.from_numpy(faces.render(faces.sample_z(12, 987_654_321)).images)
     ok = part_checks(imgs, det)["all_parts"]
@@ -158,7 +158,7 @@ def test_mouth_check_sees_open_mouths():
     still find them (it missed 2 of these 16 before the teeth test), and blurring removes the teeth."""
     from training import faces
     from training.landmarks import gaussian_blur
-    from training.model_metrics import TEETH_RATIO, part_checks, part_scores
+    from draggan_core.face_checks import TEETH_RATIO, part_checks, part_scores
     det = LandmarkDetector.load()
     z = faces.sample_z(16, 424242)
     z[:, faces.PARAM_NAMES.index("mouth_open")] = 2.5

@@ -5,7 +5,7 @@ creates its sub-parser and sets `func=<handler(args) -> int>` as a default. Buil
 listed in COMMANDS below; other modules add theirs either by calling `register_command` or, without
 touching this file, by living in `draggan_core/cli_<name>.py` and defining `add_parser(subparsers)`
 (discovered automatically). Shared helpers for such modules: `add_model_argument`, `load_model`,
-`resolve_model_path`, `CliError`.
+`resolve_model_path`, `CliError`, `add_quiet_argument` with `progress_bar`.
 
 Expected failures (bad files, bad arguments, network) print `error: <one line>` to stderr and exit
 with code 2, never a traceback. Output paths are checked before any work (`check_outputs`): a run
@@ -82,6 +82,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress bar or progress messages on stderr (a bar is only ever shown when "
+                             "stderr is a terminal; results and errors are printed either way)")
+
+
+def progress_bar(args: argparse.Namespace, **tqdm_options):
+    """A tqdm bar on stderr, drawn only when stderr is a terminal and --quiet was not given: output
+    piped or redirected to a file stays free of carriage returns. Stdout is never touched."""
+    from tqdm import tqdm
+    shown = not getattr(args, "quiet", False) and sys.stderr.isatty()
+    return tqdm(file=sys.stderr, disable=not shown, **tqdm_options)
 
 
 def add_model_argument(parser: argparse.ArgumentParser, **kwargs) -> None:

@@ -12,8 +12,8 @@ when there is no mask (exact), and no weight gradients are computed. Same settin
 Our default formulation (native-grid sampling, exact disc, L1 tracking) is timed too
 (`ours_default_step_s`); its trajectory differs by design. No image is rendered in timed steps.
 
-Progress goes to stderr (a line per phase, a bar on a terminal); with --json stdout holds only the
-JSON object.
+Progress goes to stderr (a line per phase, a bar on a terminal; neither with --quiet); with --json
+stdout holds only the JSON object.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .cli import add_quiet_argument
 from .devices import add_device_argument, describe
 from .drag import DragConfig, DragSession
 from .networks import Generator, GeneratorConfig
@@ -184,11 +185,13 @@ def add_parser(subparsers):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_device_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_quiet_argument(p)
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
     summary = run_bench(args.config, args.steps, args.mask, args.threads, device=args.device,
+                        progress=None if args.quiet else _stderr,
                         log=lambda m: print(m, file=sys.stderr if args.json else sys.stdout))
     if args.json:
         print(json.dumps(summary))

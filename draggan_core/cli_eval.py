@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from .cli import CliError, add_model_argument, check_outputs, resolve_model_path
+from .cli import CliError, add_model_argument, add_quiet_argument, check_outputs, progress_bar, resolve_model_path
 from .devices import add_device_argument
 from .landmark_net import DEFAULT_DETECTOR_PATH
 
@@ -42,6 +41,7 @@ def add_parser(subparsers):
     p.add_argument("--out", metavar="OUT.json", help="also write the full result (with per-pair records)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_device_argument(p)
+    add_quiet_argument(p)
     p.set_defaults(func=run)
 
 
@@ -65,7 +65,6 @@ def format_report(r: dict) -> str:
 
 def run(args) -> int:
     import torch
-    from tqdm import tqdm
 
     from .checkpoints import load_generator
     from .evaluation import EvalConfig, evaluate, load_detector
@@ -88,7 +87,7 @@ def run(args) -> int:
         raise CliError(str(e)) from None
     defaults = drag_defaults_of(Path(model_path))
 
-    bar = tqdm(total=cfg.pairs, desc="eval", unit="edit", file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(args, total=cfg.pairs, desc="eval", unit="edit", dynamic_ncols=True)
     sums = {"b": 0.0, "a": 0.0, "n": 0}
 
     def progress(i, rec):

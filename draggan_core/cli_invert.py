@@ -9,10 +9,9 @@ resolution. Prints the reconstruction PSNR (dB, against that resized target).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from .cli import CliError, add_model_argument, check_outputs, load_model
+from .cli import CliError, add_model_argument, add_quiet_argument, check_outputs, load_model, progress_bar
 from .devices import add_device_argument
 
 
@@ -33,12 +32,12 @@ def add_parser(subparsers):
     p.add_argument("--png", metavar="OUT.png", help="also write the reconstruction")
     p.add_argument("--seed", type=int, default=0, help="seed of the random start samples (default 0)")
     add_device_argument(p)
+    add_quiet_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import torch
-    from tqdm import tqdm
 
     from .inversion import InversionConfig, invert_iter
     from .latents import save_latent
@@ -59,8 +58,7 @@ def run(args) -> int:
     G = load_model(args.model, device=args.device)
     events = invert_iter(G, args.image, InversionConfig(preview_every=0), **settings)  # validates first
     result = None
-    with tqdm(total=None, desc="invert", unit="step", file=sys.stderr, leave=False,
-              disable=not sys.stderr.isatty()) as bar:
+    with progress_bar(args, total=None, desc="invert", unit="step", leave=False) as bar:
         for ev in events:
             if bar.total is None:
                 bar.reset(total=ev.total)

@@ -4,26 +4,27 @@
     python -m draggan_core drag --seed 3 --drag 20,44:24,40 --out edited.png --save-recipe edit.json
     python -m draggan_core drag --recipe edit.json --out replayed.png
 
+A recipe holds its mask (embedded) and may hold several runs, made one after the other from the same
+start (as in the web UI: drag, then drag again from the result); --recipe replays them all, in order.
 Coordinates are model pixels: x = column, y = row, 0 .. R-1 for a model of resolution R (128 for the
 default model), whatever --scale enlarges the written images to.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .cli import (CliError, add_model_argument, check_outputs, check_scale, enlarge, load_model, positive_int,
-                  resolve_model_path)
+from .cli import (CliError, add_model_argument, add_quiet_argument, check_outputs, check_scale, enlarge, load_model,
+                  positive_int, progress_bar, resolve_model_path)
 from .devices import add_device_argument
-from .recipe import Recipe, parse_drag
+from .recipe import MAX_MASK_PIXELS, EditRecorder, MaskError, Recipe, embed_mask, parse_drag, read_mask, replay_runs
 
-MAX_MASK_PIXELS = 64 * 1024 * 1024
+__all__ = ["CliError", "MAX_MASK_PIXELS", "add_parser", "check_distinct_drags", "load_mask", "run", "save_gif"]
+
 GIF_FRAME_MS = 60
 GIF_LAST_FRAME_MS = 1500  # hold the result so it can be seen before the loop restarts
 GIF_MIN_SIDE = 256        # without --scale the GIF is enlarged to at least this many pixels
@@ -46,6 +47,8 @@ MODEL_DEFAULTED = [
     ("--track-patch", "track_patch", "track (2K+1)^2 feature patches (0: single pixels)", "0"),
     ("--subpixel", "subpixel", "refine tracked handles below a pixel", "off"),
 ]
+# every flag that changes a run's settings: argparse destination -> DragConfig field
+SETTING_FLAGS = {flag[2:].replace("-", "_"): field for flag, field, _, _ in MODEL_DEFAULTED} | {"compat": "compat"}
 
 
 def _default_model_defaults() -> dict:
@@ -70,8 +73,9 @@ def add_parser(subparsers):
     p = subparsers.add_parser("drag", help="drag handle points to targets and save the edited image",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_argument(p)
-    p.add_argument("--recipe", metavar="RECIPE.json", help="read seed/latent/drags/settings from a JSON recipe "
-                   "(command-line flags override it)")
+    p.add_argument("--recipe", metavar="RECIPE.json", help="replay a JSON recipe, every run in it in order "
+                   "(options given here override a one-run recipe; a recipe of several runs takes only --seed, "
+                   "--latent, --psi and --model)")
     p.add_argument("--seed", type=int, help="random seed of the image to edit (give --seed or --latent)")
     p.add_argument("--latent", metavar="W.npy", help="W or W+ latent of the image to edit")
     p.add_argument("--psi", type=float, default=None, help="truncation psi for --seed (default: 0.7)")
@@ -105,9 +109,10 @@ def add_parser(subparsers):
                    help="draw handle and target markers on the GIF (default: on)")
     p.add_argument("--save-latent", metavar="OUT.npy", help="final W+ latent")
     p.add_argument("--save-recipe", metavar="RECIPE.json",
-                   help="write this edit as a recipe that `drag --recipe` replays")
+                   help="write this edit as a recipe that `drag --recipe` replays (the mask embedded in it)")
     p.add_argument("--log", metavar="OUT.json", help="steps, timing and handle trajectory as JSON")
     add_device_argument(p)
+    add_quiet_argument(p)
     p.set_defaults(func=run)
 
 
@@ -118,9 +123,16 @@ def _build_recipe(args) -> Recipe:
         if not drags:
             raise CliError("give at least one --drag HX,HY:TX,TY (or --recipe)")
         recipe = Recipe(drags=drags)
+    elif len(recipe.history) > 1:
+        run_flags = [f"--{name.replace('_', '-')}" for name in ("drag", "mask", "steps", *SETTING_FLAGS)
+                     if getattr(args, name) not in (None, [])]
+        if run_flags:
+            raise CliError(f"{args.recipe} has {len(recipe.history)} runs: {', '.join(run_flags)} would change "
+                           "only one of them; edit the recipe instead")
     elif drags:
         recipe.drags = drags
-    check_distinct_drags(recipe.drags)
+    for recipe_run in recipe.history:
+        check_distinct_drags(recipe_run.drags)
     if args.seed is not None or args.latent is not None:
         recipe.seed, recipe.latent = args.seed, args.latent
     if recipe.seed is None and recipe.latent is None:
@@ -135,10 +147,7 @@ def _build_recipe(args) -> Recipe:
         if args.steps < 0:
             raise CliError("--steps must be >= 0")
         recipe.steps = args.steps
-    for flag, key in [("lr", "lr"), ("r1", "r1"), ("r2", "r2"), ("lambda_mask", "lambda_mask"),
-                      ("tracking", "tracking"), ("w_mode", "w_mode"), ("feature_block", "feature_res"),
-                      ("stop_distance", "stop_distance"), ("compat", "compat"), ("track_block", "track_res"),
-                      ("track_patch", "track_patch"), ("subpixel", "subpixel")]:
+    for flag, key in SETTING_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
             recipe.settings[key] = value
@@ -165,24 +174,11 @@ def check_distinct_drags(drags) -> None:
 
 
 def load_mask(path: str | Path) -> np.ndarray:
-    """PNG (any mode, any size) -> float32 HxW in [0, 1]; white = flexible."""
-    from PIL import Image
-    Image.MAX_IMAGE_PIXELS = MAX_MASK_PIXELS
+    """Mask image (any mode, any size) or a recipe's embedded mask -> float32 HxW in [0, 1]; white = flexible."""
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_MASK_PIXELS:
-                raise CliError(f"{path}: mask is {im.width}x{im.height}, too large")
-            if "A" in im.getbands() and im.mode != "LA":
-                alpha = np.asarray(im.getchannel("A"), dtype=np.float32) / 255
-                gray = np.asarray(im.convert("L"), dtype=np.float32) / 255
-                return gray * alpha
-            return np.asarray(im.convert("L"), dtype=np.float32) / 255
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise CliError(f"{path}: mask image is too large (decompression bomb?)") from None
-    except (OSError, ValueError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise CliError(f"{path}: not a readable image ({e})") from None
+        return read_mask(path)
+    except MaskError as e:
+        raise CliError(str(e)) from None
 
 
 MARKER_COLOURS = (HANDLE_RGB, TARGET_RGB, LINE_RGB)
@@ -216,10 +212,10 @@ def draw_markers(image, handles, targets, scale: int):
     return framed
 
 
-def save_gif(path, frames, targets, scale: int, markers: bool = True) -> None:
-    """frames: [(HxWx3 uint8, handles at that frame)]; the last frame is held longer."""
+def save_gif(path, frames, scale: int, markers: bool = True) -> None:
+    """frames: [(HxWx3 uint8, handles at that frame, their targets)]; the last frame is held longer."""
     images = []
-    for image, handles in frames:
+    for image, handles, targets in frames:
         pil = enlarge(image, scale)
         images.append(draw_markers(pil, handles, targets, scale) if markers else pil)
     durations = [GIF_FRAME_MS] * len(images)
@@ -227,31 +223,16 @@ def save_gif(path, frames, targets, scale: int, markers: bool = True) -> None:
     images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
 
 
-def recipe_to_save(recipe: Recipe, model_path: Path, resolved_config) -> Recipe:
-    """The edit as run, every setting spelled out (the model's recommendations may change later).
-
-    A model from the bundled models folder is named by file name (found there on replay, from any
-    folder); another model by its absolute path.
-    """
+def model_for_recipe(model_path: Path) -> str:
+    """A model from the bundled models folder is named by file name (found there on replay, from any
+    folder); another model by its absolute path."""
     from .cli import DEFAULT_MODEL
-    from .drag import DragConfig
     model_path = model_path.resolve()
-    bundled = model_path.parent == DEFAULT_MODEL.parent.resolve()
-    plain = DragConfig()
-    settings = {}
-    for f in dataclasses.fields(DragConfig):
-        if f.name in ("max_steps", "display_every"):  # steps is its own key; frames do not change the edit
-            continue
-        value = getattr(resolved_config, f.name)
-        if value is not None and (getattr(plain, f.name) is None or value != getattr(plain, f.name)):
-            settings[f.name] = value
-    return dataclasses.replace(recipe, model=model_path.name if bundled else str(model_path), settings=settings)
+    return model_path.name if model_path.parent == DEFAULT_MODEL.parent.resolve() else str(model_path)
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
-    from .drag import DragSession
+    from .drag import DragSession, as_point
     from .latents import load_latent, save_latent, seed_to_w
     from .models import drag_defaults_of
 
@@ -259,7 +240,15 @@ def run(args) -> int:
                   ("--save-latent", args.save_latent, "file"), ("--save-recipe", args.save_recipe, "file"),
                   ("--log", args.log, "file"))
     recipe = _build_recipe(args)
-    mask = load_mask(recipe.mask) if recipe.mask else None
+    runs = recipe.history
+    # read (and checked) before the model loads: a bad mask costs a second
+    masks = [load_mask(recipe_run.mask) if recipe_run.mask else None for recipe_run in runs]
+    if args.save_recipe:  # embedded now: a mask too detailed to embed fails before the run, not after it
+        for recipe_run in runs:
+            try:
+                recipe_run.mask = embed_mask(recipe_run.mask) if recipe_run.mask else None
+            except MaskError as e:
+                raise CliError(str(e)) from None
     model_path = resolve_model_path(recipe.model)
     G = load_model(model_path, device=args.device)
     resolution = G.img_resolution
@@ -267,40 +256,44 @@ def run(args) -> int:
     gif_scale = args.scale or max(1, GIF_MIN_SIDE // resolution)
     check_scale(max(png_scale, gif_scale if args.gif else 1), resolution)
     w = load_latent(recipe.latent, G) if recipe.latent else seed_to_w(G, recipe.seed, psi=recipe.psi)
-    defaults = drag_defaults_of(model_path)
-    config = recipe.config(display_every=args.gif_every if args.gif else 0)
-    session = DragSession(G, w, config, model_defaults=defaults)
-    for hx, hy, tx, ty in recipe.drags:
-        session.add_pair((hx, hy), (tx, ty))
-    if mask is not None:
-        session.set_mask(mask)
-    resolved = config.resolve(G, len(session.pairs), defaults)  # also rejects bad settings before the run
+    session = DragSession(G, w, model_defaults=drag_defaults_of(model_path))
+    recorder = EditRecorder(model=model_for_recipe(model_path), seed=recipe.seed, latent=recipe.latent,
+                            psi=recipe.psi) if args.save_recipe else None
+    replay = replay_runs(session, runs, display_every=args.gif_every if args.gif else 0, recorder=recorder,
+                         masks=masks)
 
-    frames = [(session.render(), [p.handle for p in session.pairs])] if args.gif else []
+    frames = []
+    if args.gif:  # the start, with the first run's points
+        first = [(as_point(hx, hy), as_point(tx, ty)) for hx, hy, tx, ty in runs[0].drags]
+        frames.append((session.render(), [h for h, _ in first], [t for _, t in first]))
     history = []
     t0 = time.perf_counter()
     last = None
-    with tqdm(total=recipe.steps, desc="drag", unit="step", file=sys.stderr, leave=False,
-              disable=not sys.stderr.isatty()) as bar:
-        for result in session.run(max_steps=recipe.steps):
-            history.append({"step": result.step, "handles": [list(h) for h in result.handles],
-                            "loss": result.loss})
+    budget = sum(recipe_run.steps for recipe_run in runs)
+    with progress_bar(args, total=budget, desc="drag", unit="step", leave=False) as bar:
+        for run_index, result in replay:  # every run's points and settings are checked before the first step
+            entry = {"step": result.step, "handles": [list(h) for h in result.handles], "loss": result.loss}
+            if len(runs) > 1:
+                entry["run"] = run_index + 1
+            history.append(entry)
             if result.image is not None and args.gif:
-                frames.append((result.image, result.handles))
+                frames.append((result.image, result.handles, result.targets))
             bar.n = result.step
             bar.set_postfix_str("dist " + " ".join(f"{d:.1f}" for d in result.distances))
             last = result
     seconds = time.perf_counter() - t0
+    if last is None:
+        raise CliError("nothing to replay: every run of the recipe was stopped before its first step")
     image = last.image if last.image is not None else session.render()
     enlarge(image, png_scale).save(args.out)
     written = [args.out]
     if args.gif:
-        save_gif(args.gif, frames, last.targets, gif_scale, markers=args.gif_markers)
+        save_gif(args.gif, frames, gif_scale, markers=args.gif_markers)
         written.append(args.gif)
     if args.save_latent:
         written.append(str(save_latent(args.save_latent, session.latent)))
     if args.save_recipe:
-        written.append(str(recipe_to_save(recipe, model_path, resolved).save(args.save_recipe)))
+        written.append(str(recorder.recipe().save(args.save_recipe)))
     if args.log:
         log = {"steps": session.step_count, "reached": bool(last.reached), "seconds": seconds,
                "handles": [list(h) for h in last.handles], "targets": [list(t) for t in last.targets],
@@ -312,6 +305,3 @@ def run(args) -> int:
           f"({seconds:.2f} s); final distances " + ", ".join(f"{d:.1f}" for d in last.distances) + " px")
     print("wrote " + ", ".join(written))
     return 0
-
-
-__all__ = ["CliError", "add_parser", "check_distinct_drags", "load_mask", "run", "save_gif"]

@@ -355,7 +355,8 @@ def test_saved_recipe_replays_to_the_same_latent(tmp_path, monkeypatch):
                "--save-recipe", "edit/recipe.json") == 0
     recipe = json.loads((tmp_path / "edit" / "recipe.json").read_text())
     assert recipe["model"] == DEFAULT_MODEL_NAME  # bundled: by name, found from any folder
-    assert recipe["latent"] == "../start.npy" and recipe["mask"] == "../mask.png"  # relative to the recipe
+    assert recipe["latent"] == "../start.npy"  # relative to the recipe
+    assert recipe["mask"].startswith("data:image/png;base64,")  # embedded: the recipe needs no mask.png beside it
     assert recipe["drags"] == [[20, 30, 24, 33], [40, 30, 37, 33]] and recipe["steps"] == 4
     assert recipe["lr"] == 0.01 and "r2" in recipe  # the model's recommendations are spelled out too
 

@@ -119,8 +119,46 @@ def prepare(args):
     return demo, info
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on (host, port), in one line naming our own flags, or None.
+
+    Found by binding a socket there, as the server will (SO_REUSEADDR included, like uvicorn's: a
+    port whose last connections linger in TIME_WAIT is free for the server, so it is free here too).
+    Checked before the model loads, so a busy port costs a second, not a start-up."""
+    import errno
+    import socket
+    if not 0 < port < 65536:
+        return f"--port {port} is not a port number (1-65535)"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        return f"--host {host}: unknown address ({getattr(e, 'strerror', None) or e})"
+    with socket.socket(family, kind, proto) as trial:
+        trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            trial.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return port_in_use(host, port)
+            if e.errno == errno.EACCES:
+                return f"port {port} on {host}: permission denied (below 1024 needs root); pick another with --port"
+            if e.errno == errno.EADDRNOTAVAIL:
+                return f"--host {host} is not an address of this machine"
+            return f"cannot listen on {host} port {port}: {e.strerror or e}"
+    return None
+
+
+def port_in_use(host: str, port: int) -> str:
+    return f"port {port} on {host} is in use; pick another with --port"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    problem = port_problem(args.host, args.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         demo, info = prepare(args)
     except (UIError, DeviceError) as e:
@@ -130,6 +168,15 @@ def main(argv=None):
     from . import state
     try:
         launch(demo, args.host, args.port, args.share, info)
+    except OSError as e:
+        # taken while the model loaded: gradio's own message would send users to GRADIO_SERVER_PORT
+        problem = port_problem(args.host, args.port)
+        if problem is None and "Cannot find empty port" in str(e):  # (and freed again since)
+            problem = port_in_use(args.host, args.port)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     finally:
         state.ENGINE.close()  # a Ray engine stops the Ray it started
     return 0

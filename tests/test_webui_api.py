@@ -83,9 +83,14 @@ def test_latent_upload_download_and_bad_files(ui_server, tmp_path):
     before = debug(c)
     out = c.predict(handle_file(latent_path), api_name="/upload_latent")
     assert "latent loaded" in out[2]
+    assert "1 point pair cleared" in out[2] and "Undo clear" in out[2], out[2]
+    cleared = debug(c)
+    assert cleared["image_mean"] != before["image_mean"] and cleared["latent_source"] != "seed"
+    assert cleared["pairs"] == [] and cleared["cleared"] == "1 point pair"  # a new image: points cleared
+    out = c.predict(api_name="/restore_points")  # ... and brought back by Undo clear
+    assert "brought back" in out[2], out[2]
     after = debug(c)
-    assert after["image_mean"] != before["image_mean"] and after["latent_source"] != "seed"
-    assert after["pairs"] == before["pairs"]  # points survive a new latent
+    assert after["pairs"] == before["pairs"] and after["cleared"] is None
 
     bad_shape = tmp_path / "wrong_shape.npy"
     np.save(bad_shape, np.zeros((3, 7), np.float32))
@@ -215,7 +220,8 @@ def test_model_switch_and_load_failure_keep_session(tmp_path):
         st.set_model(garbage)
     assert st.model_path == str(ui_model_path()) and len(st.session.pairs) == 1
     st.set_model(tiny64_pickle())
-    assert st.resolution == 64 and len(st.session.pairs) == 1  # same resolution: points kept
+    assert st.resolution == 64 and len(st.session.pairs) == 0  # another model, another image: points cleared
+    assert st.restore_cleared() == "1 point pair" and len(st.session.pairs) == 1  # Undo clear
     assert st.display().shape == (512, 512, 3)
     st.cleanup()
 

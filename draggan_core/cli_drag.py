@@ -46,6 +46,11 @@ MODEL_DEFAULTED = [
     ("--track-block", "track_res", "synthesis block whose features track the handles", "the feature block"),
     ("--track-patch", "track_patch", "track (2K+1)^2 feature patches (0: single pixels)", "0"),
     ("--subpixel", "subpixel", "refine tracked handles below a pixel", "off"),
+    ("--lost-match", "lost_match", "end the run (keeping its best state) when a handle's best match differs from "
+     "its feature by more than this (relative L1; 0: never)", "0"),
+    ("--patience", "patience", "end the run (keeping its best state) after this many steps without progress "
+     "(0: never)", "0"),
+    ("--lambda-local", "lambda_local", "without a mask, weight of keeping the features far from the points", "0"),
 ]
 # every flag that changes a run's settings: argparse destination -> DragConfig field
 SETTING_FLAGS = {flag[2:].replace("-", "_"): field for flag, field, _, _ in MODEL_DEFAULTED} | {"compat": "compat"}
@@ -93,7 +98,7 @@ def add_parser(subparsers):
         elif field in ("tracking", "w_mode"):
             p.add_argument(flag, choices=("l1", "l2") if field == "tracking" else ("w", "w+"), help=help_text)
         else:
-            kind = float if field in ("lr", "r1", "lambda_mask", "stop_distance") else int
+            kind = float if field in ("lr", "r1", "lambda_mask", "stop_distance", "lost_match", "lambda_local") else int
             metavar = {"feature_res": "RES", "track_res": "RES", "track_patch": "K"}.get(field)
             p.add_argument(flag, type=kind, metavar=metavar, help=help_text)
     p.add_argument("--compat", choices=("ours", "official"),
@@ -295,13 +300,17 @@ def run(args) -> int:
     if args.save_recipe:
         written.append(str(recorder.recipe().save(args.save_recipe)))
     if args.log:
-        log = {"steps": session.step_count, "reached": bool(last.reached), "seconds": seconds,
+        log = {"steps": session.step_count, "reached": bool(last.reached), "end": last.end, "message": last.message,
+               "seconds": seconds,
                "handles": [list(h) for h in last.handles], "targets": [list(t) for t in last.targets],
                "distances": last.distances, "history": history}
         Path(args.log).write_text(json.dumps(log))
         written.append(args.log)
-    state = "reached" if last.reached else "did not reach"
-    print(f"{state} the target{'s' if len(last.handles) > 1 else ''} in {session.step_count} steps "
-          f"({seconds:.2f} s); final distances " + ", ".join(f"{d:.1f}" for d in last.distances) + " px")
+    if last.message:  # the run ended by itself (a handle lost its feature, no progress, divergence)
+        print(f"did not reach the target{'s' if len(last.handles) > 1 else ''}: {last.message} ({seconds:.2f} s)")
+    else:
+        state = "reached" if last.reached else "did not reach"
+        print(f"{state} the target{'s' if len(last.handles) > 1 else ''} in {session.step_count} steps "
+              f"({seconds:.2f} s); final distances " + ", ".join(f"{d:.1f}" for d in last.distances) + " px")
     print("wrote " + ", ".join(written))
     return 0

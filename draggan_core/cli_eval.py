@@ -8,6 +8,14 @@ distance to the targets before / after (MD, px), the reduction, seconds per edit
 (KID on the landmark detector's features). `--split test` (default) uses seeds from 10000 up for
 reported numbers, `--split val` seeds below 10000 for tuning. With --json the last stdout line is one
 JSON object (keys md_before, md_after, reduction, seconds_per_edit, points, pairs, ...).
+
+    python -m draggan_core eval --edits everyday --pairs 4 --split test
+    python -m draggan_core eval --edits all --pairs 4 --compat official
+
+`--edits` runs the user-edit benchmark instead (draggan_core/user_edits.py): named everyday edits
+(smile, raise brows, look aside, ...) and stress edits beyond the face world's limits, each on
+`--pairs` seeds, judged by re-detected landmarks (reached), the parts check (intact) and the drift of
+landmarks far from the points.
 """
 from __future__ import annotations
 
@@ -35,6 +43,11 @@ def add_parser(subparsers):
                    help="also drag with a flexible-region mask and compare the change outside it")
     p.add_argument("--round-points", action="store_true",
                    help="round handles and targets to pixel centres (as clicks are) instead of sub-pixel")
+    p.add_argument("--edits", choices=("everyday", "stress", "all"), default=None,
+                   help="run the user-edit benchmark instead (named edits judged by re-detected landmarks and the "
+                        "parts check, draggan_core/user_edits.py); --pairs is then the number of seeds per edit")
+    p.add_argument("--compat", choices=("ours", "official"), default="ours",
+                   help="drag engine for --edits: ours (the model's defaults) or the official implementation's choices")
     p.add_argument("--detector", metavar="PATH", default=None,
                    help="landmark detector weights (default: landmarks64.safetensors in the bundled models folder)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
@@ -59,8 +72,52 @@ def format_report(r: dict) -> str:
         lines += [f"  with mask      MD after {r['md_after_mask']:.2f} px ({r['reduction_mask']:.1f} %), "
                   f"{r['seconds_per_edit_mask']:.2f} s per edit",
                   f"  outside mask   mean |pixel change| {r['outside_change_nomask']:.2f} without mask, "
-                  f"{r['outside_change_mask']:.2f} with mask (0..255)"]
+                  f"{r['outside_change_mask']:.2f} with mask (0..255)",
+                  f"  fixed region   landmarks in it moved {r['fixed_drift_nomask']:.2f} px without mask, "
+                  f"{r['fixed_drift_mask']:.2f} px with mask (re-detected)"]
     return "\n".join(lines)
+
+
+def format_edit_report(r: dict) -> str:
+    lines = [f"user edits ({r['split']} split, {r['seeds_per_edit']} seeds per edit, engine {r['compat']})"]
+    for group in ("everyday", "stress"):
+        if group not in r:
+            continue
+        g = r[group]
+        lines.append(f"  {group:8s} {g['edits']:3d} edits: reached {100 * g['reached']:5.1f} %, intact "
+                     f"{100 * g['intact']:5.1f} %, both {100 * g['success']:5.1f} %; false 'arrived' "
+                     f"{100 * g['false_claims']:4.1f} %; far landmarks moved {g['drift_px']:.2f} px; "
+                     f"{g['seconds_per_edit']:.2f} s per edit ({g['steps']:.0f} steps)")
+    for name, e in r["per_edit"].items():
+        lines.append(f"    {name:20s} reached {100 * e['reached']:5.1f} %  intact {100 * e['intact']:5.1f} %")
+    return "\n".join(lines)
+
+
+def run_edits(args, G, detector, defaults: dict) -> int:
+    from .drag import DragConfig
+    from .user_edits import EDIT_SETS, evaluate_edits
+
+    edits = EDIT_SETS[args.edits]
+    bar = progress_bar(args, total=len(edits) * args.pairs, desc="edits", unit="edit", dynamic_ncols=True)
+
+    def progress(i, rec):
+        bar.update(1)
+        bar.set_postfix_str(f"{rec['edit']}: {'reached' if rec['reached'] else 'missed'}, "
+                            f"{'intact' if rec['intact'] else 'parts lost'}")
+
+    try:
+        result = evaluate_edits(G, detector, edits, args.pairs, args.split, args.seed, model_defaults=defaults,
+                                config=DragConfig(max_steps=args.steps, display_every=0, compat=args.compat),
+                                progress=progress, psi=args.psi)
+    finally:
+        bar.close()
+    result.update(compat=args.compat, model=str(args.model_path), edit_set=args.edits)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print(format_edit_report(result))
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "records"}))
+    return 0
 
 
 def run(args) -> int:
@@ -86,6 +143,11 @@ def run(args) -> int:
     except FileNotFoundError as e:
         raise CliError(str(e)) from None
     defaults = drag_defaults_of(Path(model_path))
+    if args.edits:
+        if not 1 <= args.pairs <= 1000:
+            raise CliError("--pairs (seeds per edit) must be in [1, 1000]")
+        args.model_path = model_path
+        return run_edits(args, G, detector, defaults)
 
     bar = progress_bar(args, total=cfg.pairs, desc="eval", unit="edit", dynamic_ncols=True)
     sums = {"b": 0.0, "a": 0.0, "n": 0}

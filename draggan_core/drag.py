@@ -69,6 +69,15 @@ class DragConfig:
     lost_match: float | None = None
     patience: int | None = None
     lambda_w0: float | None = None     # pull towards the latent the edit started from: mean (w - w0)^2
+    # without a mask, keep the features far from every handle and target as they were when the points
+    # were placed (weight `lambda_local`; 0: off): the region within |target - handle| / 2 + local_margin
+    # px of each pair's midpoint is free, the keep weight then ramps up over another local_margin px
+    lambda_local: float | None = None
+    local_margin: float | None = None
+    # motion supervision pulls F(q + d) towards F(q) of the current latent (paper); with
+    # `motion_anchor` = b in (0, 1] towards (1 - b) F(q) + b F0(q0), F0(q0) being the features around
+    # the handle when it was placed: the dragged content keeps its look instead of drifting
+    motion_anchor: float | None = None
     max_steps: int = 300
     noise_mode: str = "const"
     display_every: int = 10            # render the image every k steps (0: only at the end)
@@ -140,6 +149,12 @@ class DragConfig:
             c.patience = 0 if official else int(md.get("patience", 0))
         if c.lambda_w0 is None:
             c.lambda_w0 = 0.0 if official else float(md.get("lambda_w0", 0.0))
+        if c.lambda_local is None:
+            c.lambda_local = 0.0 if official else float(md.get("lambda_local", 0.0))
+        if c.motion_anchor is None:
+            c.motion_anchor = 0.0 if official else float(md.get("motion_anchor", 0.0))
+        if c.local_margin is None:
+            c.local_margin = float(md.get("local_margin", 16 * res / 128))
         if c.stop_distance is None:
             paper_rule = 1.0 if num_points <= 5 else 2.0
             c.stop_distance = max(2 * res / 512, 2.0) if official else md.get("stop_distance", paper_rule)
@@ -149,7 +164,7 @@ class DragConfig:
             raise ValueError("w_mode must be 'w' or 'w+'")
         if (not (0 < c.lr < 1) or c.r1 <= 0 or c.r2 < 1 or c.max_steps < 0 or c.lambda_mask < 0
                 or c.lambda_image < 0 or c.mask_hold_steps < 0 or c.mask_feather < 0 or c.mask_hold_anchor < 0
-                or c.lost_match < 0 or c.patience < 0 or c.lambda_w0 < 0):
+                or c.lost_match < 0 or c.patience < 0 or c.lambda_w0 < 0 or c.lambda_local < 0 or c.local_margin < 0):
             raise ValueError("invalid drag settings: need 0 < lr < 1, r1 > 0, r2 >= 1, max_steps >= 0, lambda >= 0")
         c.num_optimized_ws = int(min(max(c.num_optimized_ws, 1), G.num_ws))
         return c
@@ -163,6 +178,7 @@ class PointPair:
     reference: torch.Tensor | None = None  # features around the handle when it was placed, [K, C]
     anchor: torch.Tensor | None = None     # the same on the motion-supervision block (mask_hold_anchor)
     match: float = 0.0                     # relative L1 distance of the last tracked match to the reference
+    disc_reference: torch.Tensor | None = None  # features of the motion disc when placed (motion_anchor)
 
 
 @dataclass
@@ -512,6 +528,21 @@ def keep_weights(mask: torch.Tensor, feather: float) -> torch.Tensor:
     return (1 - covered / (n + 1)).clamp(0, 1)
 
 
+def local_keep_weights(pairs, resolution: int, margin: float, feature_shape) -> torch.Tensor:
+    """Keep weights of the local term on the feature grid [1, 1, h, w]: 0 within |t - o| / 2 + margin
+    of each pair's midpoint (o: where the handle was placed), ramping to 1 over another margin px."""
+    yy, xx = torch.meshgrid(torch.arange(resolution, dtype=torch.float32),
+                            torch.arange(resolution, dtype=torch.float32), indexing="ij")
+    free = torch.full((resolution, resolution), math.inf)
+    for p in pairs:  # distance outside each pair's free disc
+        (ox, oy), (tx, ty) = p.origin, p.target
+        cx, cy, r = (ox + tx) / 2, (oy + ty) / 2, math.dist((ox, oy), (tx, ty)) / 2 + margin
+        free = torch.minimum(free, ((xx - cx).square() + (yy - cy).square()).sqrt() - r)
+    keep = (free / max(margin, 1e-6)).clamp(0, 1)
+    device = pairs[0].reference.device if pairs and pairs[0].reference is not None else "cpu"
+    return F.interpolate(keep[None, None], size=tuple(feature_shape), mode="area").to(device)
+
+
 def disc_offsets(r1: float) -> torch.Tensor:
     """Integer (dx, dy) with dx^2 + dy^2 < r1^2: the disc on pixel centres around a handle."""
     r = int(math.ceil(r1))
@@ -642,14 +673,15 @@ class _Engine:
         self.margin = int(cfg.r2) + max(math.ceil(cfg.r1) + 1, k)
         self.held = 0  # steps taken after every handle arrived (mask_hold_steps)
         self._keep = None  # (mask, its keep weights): the mask cannot change during a run
+        self._local_keep = None  # keep weights of the local term, on the feature grid
 
-    def features(self, ws, centres, full: bool):
+    def features(self, ws, centres, full: bool, image: bool = False):
         """(feature windows per centre, full feature map or None, image or None).
 
         The image is computed only when the mask is also compared on it (`lambda_image`): that needs
         the whole generator every step instead of stopping at the feature block.
         """
-        if full and self.cfg.lambda_image > 0:
+        if full and image and self.cfg.lambda_image > 0:
             fr = self.cfg.feature_res
             img, feat = self.G.synthesis(ws, noise_mode=self.cfg.noise_mode, feature_res=fr, fused=False)
             return [_FeatureWindow(feat, (0, fr, 0, fr), self.res, fr)] * len(centres), feat, img
@@ -682,23 +714,27 @@ class _Engine:
         s, cfg, device = self.s, self.cfg, self.s.device
         pairs = s.pairs
         masked = s.mask_active and (cfg.lambda_mask > 0 or cfg.lambda_image > 0)
+        local = not masked and cfg.lambda_local > 0  # the automatic region around the points
         ws = s._ws()
-        # references for newly placed handles and for the mask term, from the current latent
+        # references for newly placed handles and for the mask term, from the current latent (new
+        # points start a new edit: the local term then keeps the image as it is now)
         need_ref = [p for p in pairs if p.reference is None]
-        need_mask_ref = masked and (s._mask_reference is None
-                                    or (cfg.lambda_image > 0 and s._mask_reference_image is None))
+        need_mask_ref = (masked and (s._mask_reference is None
+                                     or (cfg.lambda_image > 0 and s._mask_reference_image is None))
+                         or local and (s._mask_reference is None or bool(need_ref)))
         if need_ref or need_mask_ref:
             with torch.no_grad():
                 centres = [p.handle for p in need_ref] or [(0, 0)]
-                wins, full_feat, image = self.features(ws.detach(), centres, full=masked)
+                wins, full_feat, image = self.features(ws.detach(), centres, full=masked or local, image=masked)
                 for p, fw, mw in zip(need_ref, self.tracking_features(ws, centres, wins), wins):
                     at = torch.tensor(p.handle, dtype=torch.float32, device=device) + self.patch
                     p.reference = fw.sample(at)
                     p.anchor = mw.sample(at)
-                if masked:
+                    p.disc_reference = mw.sample(torch.tensor(p.handle, dtype=torch.float32, device=device) + self.offsets)
+                if masked or local:
                     s._mask_reference = full_feat.detach()
                     s._mask_reference_image = None if image is None else image.detach()
-        wins, full_feat, image = self.features(ws, [p.handle for p in pairs], full=masked)
+        wins, full_feat, image = self.features(ws, [p.handle for p in pairs], full=masked or local, image=masked)
 
         # 1. point tracking on this step's features
         with torch.no_grad():
@@ -732,10 +768,14 @@ class _Engine:
                 continue
             centre = torch.tensor(p.handle, dtype=torch.float32, device=device)
             q = centre + self.offsets
-            q = q[((q >= 0) & (q <= self.res - 1)).all(dim=1)]
+            inside = ((q >= 0) & (q <= self.res - 1)).all(dim=1)
+            q = q[inside]
             step = min(dist, 1.0) if cfg.adaptive_step else 1.0  # a full pixel overshoots a closer target
             direction = (torch.tensor(p.target, dtype=torch.float32, device=device) - centre) * (step / dist)
-            loss_motion = loss_motion + (fw.sample(q).detach() - fw.sample(q + direction)).abs().mean()
+            goal = fw.sample(q).detach()
+            if cfg.motion_anchor > 0 and p.disc_reference is not None:
+                goal = (1 - cfg.motion_anchor) * goal + cfg.motion_anchor * p.disc_reference[inside]
+            loss_motion = loss_motion + (goal - fw.sample(q + direction)).abs().mean()
         loss_mask = torch.zeros((), device=device)
         loss_image = None
         if masked:
@@ -746,6 +786,10 @@ class _Engine:
             loss_mask = ((full_feat - s._mask_reference).abs() * keep_feat).mean()
             if image is not None:
                 loss_image = ((image - s._mask_reference_image).abs() * keep).mean()
+        if local:
+            if self._local_keep is None:  # the points cannot change during a run
+                self._local_keep = local_keep_weights(pairs, self.res, cfg.local_margin, full_feat.shape[-2:])
+            loss_motion = loss_motion + cfg.lambda_local * ((full_feat - s._mask_reference).abs() * self._local_keep).mean()
         return _optimise_and_report(s, cfg, distances, done, loss_motion, loss_mask, optimise, loss_image, arrived)
 
 

@@ -21,7 +21,9 @@ Reported (each edit weighs equally: per-pair means, then the mean over pairs):
 With `mask=True` every pair is dragged twice, without and with a mask (a disc around each handle and
 its target, see `flexible_mask`; the masked drag uses the model's mask settings, docs/masks.md), and
 `outside_change_nomask` / `outside_change_mask` give the mean absolute pixel change (0..255) outside
-that mask, i.e. how well the rest of the image is kept.
+that mask, i.e. how well the rest of the image is kept, and `fixed_drift_nomask` / `fixed_drift_mask`
+the mean displacement (px, re-detected) of the landmarks lying in the fixed region: a mean over
+pixels can be small while an eye visibly changes shape.
 
 Seeds: the "val" split draws pair seeds from [0, 10000) (use it for sweeps), "test" from
 [10000, 20000) (use it for reported numbers); the two never overlap.
@@ -144,6 +146,23 @@ def flexible_mask(handles, targets, resolution: int, margin: float = 8.0) -> np.
     return out
 
 
+def fixed_landmarks(points, visible, flexible: np.ndarray, exclude=(), margin: float = 1.0) -> list[int]:
+    """Visible landmarks lying in the fixed region (flexible < 0.5) at least `margin` px (at 64 px,
+    scaled) from the flexible region, other than the dragged ones."""
+    res = flexible.shape[0]
+    m = margin * res / 64
+    yy, xx = np.mgrid[0:res, 0:res]
+    flex_y, flex_x = yy[flexible >= 0.5], xx[flexible >= 0.5]
+    out = []
+    for k, (x, y) in enumerate(np.asarray(points, np.float64)):
+        if k in exclude or not visible[k] or not (0 <= x <= res - 1 and 0 <= y <= res - 1):
+            continue
+        if len(flex_x) and np.hypot(flex_x - x, flex_y - y).min() < m:
+            continue
+        out.append(k)
+    return out
+
+
 def clamp_points(points: np.ndarray, resolution: int) -> np.ndarray:
     return np.clip(np.asarray(points, np.float64), 0, resolution - 1)
 
@@ -214,6 +233,10 @@ def evaluate(G, detector: Callable[[np.ndarray], Detection], cfg: EvalConfig,
                 outside = runs["_mask"] < 0.5
                 diff = np.abs(out["image"].astype(np.float64) - imgs[0].astype(np.float64)).mean(axis=2)
                 rec[f"outside_change{suffix or '_nomask'}"] = float(diff[outside].mean()) if outside.any() else 0.0
+                # a mean over pixels hides a moved eye: the landmarks in the fixed region must stay put
+                fixed = fixed_landmarks(det.points[0].numpy(), vis[0], runs["_mask"], exclude=idx)
+                moved = np.linalg.norm(det_e.points[0].numpy()[fixed] - det.points[0].numpy()[fixed], axis=1)
+                rec[f"fixed_drift{suffix or '_nomask'}"] = float(moved.mean()) if len(fixed) else float("nan")
         records.append(rec)
         if progress is not None:
             progress(i, rec)
@@ -223,6 +246,7 @@ def evaluate(G, detector: Callable[[np.ndarray], Detection], cfg: EvalConfig,
 def summarize(records: list[dict], cfg: EvalConfig, initial_feats=None, edited_feats=None,
               resolution: int | None = None) -> dict:
     mean = lambda key: float(np.mean([r[key] for r in records]))  # noqa: E731
+    nanmean = lambda key: float(np.nanmean([r.get(key, np.nan) for r in records]))  # noqa: E731
     before, after = mean("md_before"), mean("md_after")
     out = {"md_before": before, "md_after": after, "reduction": reduction_percent(before, after),
            "seconds_per_edit": mean("seconds"), "points": cfg.points, "pairs": len(records),
@@ -244,7 +268,9 @@ def summarize(records: list[dict], cfg: EvalConfig, initial_feats=None, edited_f
         out.update({"md_after_mask": mean("md_after_mask"), "reduction_mask": reduction_percent(before, mean("md_after_mask")),
                     "seconds_per_edit_mask": mean("seconds_mask"), "reached_mask": mean("reached_mask"),
                     "outside_change_nomask": mean("outside_change_nomask"),
-                    "outside_change_mask": mean("outside_change_mask")})
+                    "outside_change_mask": mean("outside_change_mask"),
+                    "fixed_drift_nomask": nanmean("fixed_drift_nomask"),
+                    "fixed_drift_mask": nanmean("fixed_drift_mask")})
     out["config"] = asdict(cfg)
     out["per_pair"] = records
     return out

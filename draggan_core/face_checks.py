@@ -91,13 +91,17 @@ def part_scores(images: torch.Tensor, detector: LandmarkDetector) -> dict[str, n
         # nose: both nostrils darker than the cheek
         out["nostril_ratio"][i] = max(luminance(_patch(img, *L(f"nostril_{s}"), 1)).min()
                                       for s in ("left", "right")) / cheek_lum
+        # the mouth line: from corner to corner through the middle of the lips (a parabola; the straight
+        # chord of a smile runs above the mouth, through the upper lip and the skin over it)
+        left, right, middle = L("mouth_left"), L("mouth_right"), (L("lip_upper") + L("lip_lower")) / 2
+        bend = middle - (left + right) / 2
+        along = lambda t: t * left + (1 - t) * right + 4 * t * (1 - t) * bend  # noqa: E731
         # mouth: lips redder (R - G) than the cheek
-        lips = [L("lip_upper"), L("lip_lower"), 0.7 * L("mouth_left") + 0.3 * L("mouth_right"),
-                0.3 * L("mouth_left") + 0.7 * L("mouth_right")]
+        lips = [L("lip_upper"), L("lip_lower"), along(0.7), along(0.3)]
         red = max((_patch(img, *q, 0)[:, 0] - _patch(img, *q, 0)[:, 1]).max() for q in lips)
         out["lip_redness"][i] = red - (cheek[0] - cheek[1])
         # ... or the mouth line (seam / open mouth) darker than the cheek
-        line = [luminance(_patch(img, *(t * L("mouth_left") + (1 - t) * L("mouth_right")), 1)) for t in (0.3, 0.5, 0.7)]
+        line = [luminance(_patch(img, *along(t), 1)) for t in (0.3, 0.5, 0.7)]
         out["mouth_dark_ratio"][i] = min(v.min() for v in line) / cheek_lum
         # ... or teeth in an open mouth, brighter than the cheek (a blurred mouth has no bright pixel)
         out["teeth_ratio"][i] = max(v.max() for v in line) / cheek_lum

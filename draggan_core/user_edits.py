@@ -60,20 +60,20 @@ def _edit(name, *moves, stress=False) -> UserEdit:
 # "left" / "right" are the landmark detector's names (image left / right)
 EVERYDAY_EDITS: tuple[UserEdit, ...] = (
     _edit("smile", ("mouth_left", -5, -4), ("mouth_right", 5, -4)),
+    _edit("broad smile", ("mouth_left", -7, -6), ("mouth_right", 7, -6)),
     _edit("frown", ("mouth_left", -2, 4), ("mouth_right", 2, 4)),
-    _edit("open mouth", ("lip_lower", 0, 5)),
-    _edit("raise brows", ("brow_left_inner", 0, -4), ("brow_right_inner", 0, -4)),
+    _edit("open mouth", ("lip_lower", 0, 6)),
+    _edit("raise brows", ("brow_left_inner", 0, -5), ("brow_right_inner", 0, -5)),
     _edit("raise one brow", ("brow_right_outer", 0, -4)),
     _edit("look left", ("pupil_left", -2, 0), ("pupil_right", -2, 0)),
     _edit("look right", ("pupil_left", 2, 0), ("pupil_right", 2, 0)),
-    _edit("longer nose", ("nose_tip", 0, 4)),
-    _edit("shorter nose", ("nose_tip", 0, -3)),
-    _edit("wider mouth", ("mouth_left", -4, 0), ("mouth_right", 4, 0)),
-    _edit("one-sided smile", ("mouth_right", 4, -4)),
-    _edit("longer chin", ("chin", 0, 5)),
-    _edit("narrower face", ("jaw_left_mouth", 4, 0), ("jaw_right_mouth", -4, 0)),
+    _edit("longer nose", ("nose_tip", 0, 5)),
+    _edit("wider mouth", ("mouth_left", -5, 0), ("mouth_right", 5, 0)),
+    _edit("one-sided smile", ("mouth_right", 5, -5)),
+    _edit("longer chin", ("chin", 0, 6)),
+    _edit("narrower face", ("jaw_left_mouth", 5, 0), ("jaw_right_mouth", -5, 0)),
     _edit("wider face", ("jaw_left_mouth", -4, 0), ("jaw_right_mouth", 4, 0)),
-    _edit("move head right", ("nose_tip", 6, 0), ("chin", 6, 0)),
+    _edit("move head right", ("nose_tip", 7, 0), ("chin", 7, 0)),
     _edit("lower the mouth", ("lip_upper", 0, 3), ("lip_lower", 0, 3)),
 )
 
@@ -165,8 +165,10 @@ def run_edit(G, w, handles, targets, model_defaults: dict | None, config: DragCo
     t0 = time.perf_counter()
     for last in session.run():
         pass
+    shift = float((session.latent - session.w_initial).square().mean().sqrt())  # RMS latent change
     return {"image": session.render(), "seconds": time.perf_counter() - t0, "steps": session.step_count,
-            "claimed": bool(last.reached), "message": last.message, "handles": last.handles}
+            "claimed": bool(last.reached), "message": last.message, "end": last.end, "handles": last.handles,
+            "w_shift": shift}
 
 
 def judge(edit: UserEdit, detector, image0, points0, visible0, image1, idx, intended, handles, targets,
@@ -211,7 +213,7 @@ def evaluate_edits(G, detector, edits=EVERYDAY_EDITS, seeds_per_edit: int = 4, s
             out = run_edit(G, seed_to_w(G, s, psi=psi), handles, targets, model_defaults, config)
             rec = {"edit": edit.name, "stress": edit.stress, "seed": s, "handles": handles, "targets": targets,
                    "steps": out["steps"], "seconds": out["seconds"], "claimed": out["claimed"],
-                   "message": out["message"]}
+                   "message": out["message"], "end": out["end"], "w_shift": out["w_shift"]}
             rec.update(judge(edit, detector, image0, points0, visible0, out["image"], idx, intended,
                              handles, targets, res))
             rec["success"] = rec["reached"] and rec["intact"]

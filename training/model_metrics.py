@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from draggan_core.evaluation import drag_edit, kid
-from draggan_core.face_checks import part_checks
+from draggan_core.face_checks import PARTS, SPREAD_MAX, TEETH_RATIO, part_checks, part_scores  # noqa: F401 (their old home)
 from draggan_core.landmark_net import LandmarkDetector
 from training import faces
 from training.landmarks import gaussian_blur

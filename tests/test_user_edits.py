@@ -1,0 +1,154 @@
+"""The user-edit benchmark (draggan_core/user_edits.py) and the engine's own ends: a handle that lost
+its feature, no progress, the local term. Mechanics on small inputs; the quality numbers are in
+docs/evaluation.md."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from draggan_core import user_edits as ue
+from draggan_core.drag import DragConfig, DragSession
+from draggan_core.landmark_net import LandmarkDetector
+from draggan_core.latents import seed_to_w
+from draggan_core.models import ModelStore, default_model_path
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ModelStore().get(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return LandmarkDetector.load()
+
+
+def test_reach_radius_follows_the_rule_and_scales():
+    assert ue.reach_radius(1.0, 128) == 1.0            # at least 1 px
+    assert ue.reach_radius(5.0, 128) == pytest.approx(2.0)  # 0.4 |move|
+    assert ue.reach_radius(20.0, 128) == 3.0           # at most 3 px
+    assert ue.reach_radius(2.5, 64) == pytest.approx(1.0)  # 64 px: a 5 px move at 128 -> 2 px, halved
+
+
+def test_edits_name_real_landmarks_and_stress_edits_are_far():
+    names = LandmarkDetector.load().names
+    for edit in ue.EVERYDAY_EDITS + ue.STRESS_EDITS:
+        assert all(name in names for name, _, _ in edit.moves), edit.name
+        longest = max(math.hypot(dx, dy) for _, dx, dy in edit.moves)
+        assert (10 <= longest <= 16) if edit.stress else (2 <= longest <= 9.3), edit.name
+    assert len(ue.EVERYDAY_EDITS) >= 16 and len({e.name for e in ue.EVERYDAY_EDITS + ue.STRESS_EDITS}) == \
+        len(ue.EVERYDAY_EDITS) + len(ue.STRESS_EDITS)
+
+
+def test_plan_clicks_pixels_and_refuses_invisible_or_outside_points():
+    names = ["a", "b"]
+    pts = np.array([[10.4, 20.6], [60.0, 60.0]])
+    edit = ue.UserEdit("t", (("a", 3, -2),))
+    handles, targets, idx, goal = ue.plan(edit, names, pts, np.array([1.0, 1.0]), 128)
+    assert handles == [(10, 21)] and targets == [(13, 19)] and idx == [0]
+    np.testing.assert_allclose(goal, [[13.4, 18.6]])
+    assert ue.plan(edit, names, pts, np.array([0.2, 1.0]), 128) is None           # not visible
+    assert ue.plan(ue.UserEdit("t", (("b", 70, 0),)), names, pts, np.ones(2), 128) is None  # leaves the image
+    _, targets64, _, _ = ue.plan(edit, names, pts / 2, np.ones(2), 64)           # moves scale with resolution
+    assert targets64 == [(6, 9)]  # (5, 10) + (1.5, -1), rounded half to even
+
+
+def test_judge_an_unchanged_image_is_intact_and_not_reached(model, detector):
+    pool = ue.SeedPool(model.G, detector, "val")
+    s, image, points, visible = pool.get(0)
+    edit = ue.EVERYDAY_EDITS[0]
+    handles, targets, idx, goal = ue.plan(edit, detector.names, points, visible, 128)
+    verdict = ue.judge(edit, detector, image, points, visible, image, idx, goal, handles, targets, 128)
+    assert verdict["intact"] and not verdict["reached"] and verdict["drift"] < 0.05
+    assert verdict["pixel_change"] == 0.0
+    # the same judge with the landmarks where the move puts them: reached
+    verdict = ue.judge(edit, detector, image, points, visible, image, idx, points[idx], handles, targets, 128)
+    assert verdict["reached"]
+
+
+def test_benchmark_runs_every_edit_through_the_session_loop(model, detector):
+    edits = (ue.EVERYDAY_EDITS[0], ue.STRESS_EDITS[0])
+    seen = []
+    r = ue.evaluate_edits(model.G, detector, edits, seeds_per_edit=1, split="val", model_defaults=model.drag_defaults,
+                          config=DragConfig(max_steps=3, display_every=0), progress=lambda i, rec: seen.append(rec))
+    assert [x["edit"] for x in seen] == [e.name for e in edits]
+    assert r["everyday"]["edits"] == 1 and r["stress"]["edits"] == 1
+    for rec in seen:
+        assert rec["steps"] <= 3 and rec["success"] == (rec["reached"] and rec["intact"])
+        assert rec["false_claim"] == (rec["claimed"] and not rec["reached"])
+    json.dumps({k: v for k, v in r.items()})  # the CLI writes it as JSON
+
+
+# ---------------------------------------------------------------------------------------- the engine's ends
+def _session(model, defaults: dict, drags=(((56, 93), (49, 87)), ((84, 98), (91, 92))), seed=0, steps=300):
+    md = dict(model.drag_defaults)
+    md.update(defaults)
+    s = DragSession(model.G, seed_to_w(model.G, seed), DragConfig(max_steps=steps, display_every=0), model_defaults=md)
+    for h, t in drags:
+        s.add_pair(h, t)
+    return s
+
+
+def test_a_lost_handle_ends_the_run_at_the_best_state(model):
+    """A threshold so low that the handles count as lost after a few steps: the run ends by itself,
+    says so, does not claim arrival, and the session is back at the best state it saw."""
+    s = _session(model, {"lost_match": 0.02, "patience": 0})
+    results = list(s.run())
+    last = results[-1]
+    assert last.end == "lost_handle" and last.done and not last.reached
+    assert "stopped following" in last.message and "kept the best result" in last.message
+    assert len(results) < 100
+    # the best state: the smallest mean tracked distance before any match exceeded the threshold
+    ok = [r for r in results[:-1] if max(r.matches) <= 0.02]
+    best = min(ok, key=lambda r: sum(r.distances))
+    assert s.step_count == best.step - 1 and last.handles == best.handles
+    image = s.render()
+    assert last.image is not None and np.array_equal(last.image, image)
+
+
+def test_no_progress_for_patience_steps_ends_the_run(model):
+    s = _session(model, {"lost_match": 0.0, "patience": 5, "lr": 1e-9, "lr_multi_point": 1e-9})
+    results = list(s.run())
+    assert results[-1].end == "stalled" and "no handle came closer for 5 steps" in results[-1].message
+    assert len(results) <= 8
+
+
+def test_official_compat_has_no_automatic_ends(model):
+    s = DragSession(model.G, seed_to_w(model.G, 0), DragConfig(max_steps=4, compat="official", display_every=0),
+                    model_defaults={"lost_match": 0.0001, "patience": 1})
+    s.add_pair((56, 93), (49, 87))
+    results = list(s.run())
+    assert results[-1].end == "max_steps" and results[-1].message is None and s.step_count == 4
+
+
+def test_the_local_term_keeps_far_features(model):
+    """Ten steps of a smile with and without the local term: the feature map far from the mouth
+    changes less with it, the handles still move."""
+    def far_change(lam):
+        s = _session(model, {"lambda_local": lam, "lost_match": 0.0, "patience": 0}, steps=10)
+        _, f0 = model.G.synthesis(s._ws(), feature_res=16, stop_at_feature=True)
+        results = list(s.run())
+        _, f1 = model.G.synthesis(s._ws(), feature_res=16, stop_at_feature=True)
+        return (f1 - f0)[..., :6, :].abs().mean().item(), results[-1].distances  # rows 0-5: above the eyes
+
+    free, d_free = far_change(0.0)
+    kept, d_kept = far_change(4.0)
+    assert kept < 0.8 * free
+    assert max(d_kept) < math.dist((56, 93), (49, 87))
+
+
+def test_local_reference_is_retaken_for_new_points(model):
+    s = _session(model, {"lambda_local": 1.0, "lost_match": 0.0}, drags=(((56, 93), (52, 90)),), steps=5)
+    list(s.run())
+    first = s._mask_reference.clone()
+    list(s.run(max_steps=2))  # resuming keeps it
+    assert torch.equal(s._mask_reference, first)
+    s.add_pair((84, 98), (88, 95))
+    list(s.run(max_steps=1))  # a new point: the image as it is now
+    assert not torch.equal(s._mask_reference, first)

@@ -1,7 +1,8 @@
 """End-to-end tests of the web UI in headless Debian chromium (pytest-playwright).
 
 Clicks are raw `page.mouse` clicks at computed screen positions (no actionability waits: those
-take seconds while frames stream). Also writes docs/screenshot.png.
+take seconds while frames stream). Also writes docs/screenshot.png, docs/masked-edit.png and
+docs/history.png (the default model).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore")]
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "screenshot.png"
+MASKED_EDIT = REPO / "docs" / "masked-edit.png"
+HISTORY = REPO / "docs" / "history.png"
 MODEL_RES = 64         # ui_server's model (conftest.ui_model_path)
 DEFAULT_MODEL_RES = 128  # default_ui_server's: the default model
 
@@ -69,6 +72,7 @@ def button_center(page: Page, elem_id: str) -> tuple[float, float]:
 
 
 def click_button(page: Page, elem_id: str):
+    page.locator(f"#{elem_id}").scroll_into_view_if_needed()
     page.mouse.click(*button_center(page, elem_id))
 
 
@@ -106,6 +110,53 @@ def editor_image_rect(page: Page, timeout: float = 30.0) -> dict:
     raise AssertionError("the mask editor never showed its background image")
 
 
+def set_mode(page: Page, mode: str):
+    """The Points | Mask switch above the image; in Mask mode the mask canvas replaces the image."""
+    page.locator("#mode label", has_text=mode).click()
+    if mode == "Mask":
+        page.locator("#editor canvas").first.wait_for(timeout=45_000)
+    else:
+        page.wait_for_function("() => { const i = document.querySelector('#canvas img');"
+                               " return i && i.complete && i.naturalWidth > 0 && i.offsetParent !== null; }",
+                               timeout=45_000)
+
+
+def paint(page: Page, x0: float, y0: float, x1: float, y1: float):
+    """One brush stroke on the mask canvas, in editor pixels (the canvas is 256 px)."""
+    page.locator("#editor").evaluate("e => e.scrollIntoView({block: 'center'})")
+    er = editor_image_rect(page)
+    k = er["w"] / 256
+    page.mouse.move(er["x"] + x0 * k, er["y"] + y0 * k)
+    page.mouse.down()
+    page.mouse.move(er["x"] + x1 * k, er["y"] + y1 * k, steps=4)
+    page.mouse.up()
+
+
+def history_count(page: Page) -> int:
+    return page.locator("#history .thumbnail-item").count()
+
+
+def wait_history(page: Page, n: int, timeout: float = 60_000):
+    page.wait_for_function("(n) => document.querySelectorAll('#history .thumbnail-item').length === n",
+                           arg=n, timeout=timeout)
+
+
+def shown_pixels(page: Page) -> np.ndarray:
+    """The canvas image as the browser got it (RGB array)."""
+    src = image_rect(page)["src"]
+    return np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
+
+
+def download(page: Page, elem_id: str, folder: Path) -> Path:
+    """Click a download button; the browser's download event gives the file."""
+    page.locator(f"#{elem_id}").scroll_into_view_if_needed()
+    with page.expect_download(timeout=45_000) as dl:
+        click_button(page, elem_id)
+    path = folder / dl.value.suggested_filename
+    dl.value.save_as(path)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # tests
 # ---------------------------------------------------------------------------------------------
@@ -130,16 +181,10 @@ def test_click_points_and_run_to_target(ui_server, page: Page):
 
 
 def test_mask_brush_stroke_reaches_server(ui_server, page: Page):
+    """Mask mode: the brush paints on the image itself; each stroke applies at once."""
     open_app(page, ui_server["url"])
-    page.locator("#editor").evaluate("e => e.scrollIntoView({block: 'center'})")
-    er = editor_image_rect(page)
-    k = er["w"] / 256  # editor canvas is 256 px: 4 editor px per model px
-    y = er["y"] + 128 * k
-    page.mouse.move(er["x"] + 64 * k, y)
-    page.mouse.down()
-    page.mouse.move(er["x"] + 192 * k, y, steps=4)
-    page.mouse.up()
-    click_button(page, "apply_mask")  # the editor's change event applies it too; be explicit
+    set_mode(page, "Mask")
+    paint(page, 64, 128, 192, 128)  # editor px: 4 per model px
     info = wait_text(page, "mask_info", r"bbox", 45_000)
     m = re.search(r"(\d+) of 4096 px flexible, bbox x (\d+)-(\d+), y (\d+)-(\d+)", info)
     assert m, info
@@ -147,6 +192,14 @@ def test_mask_brush_stroke_reaches_server(ui_server, page: Page):
     # a stroke from model (16, 32) to (48, 32) with a ~3.5 model-px brush radius
     assert abs(x0 - 13) <= 3 and abs(x1 - 51) <= 3 and abs(y0 - 29) <= 3 and abs(y1 - 35) <= 3, info
     assert 150 <= n <= 500, info
+    # back to Points: the image shows the painted region (green tint) and takes clicks again
+    set_mode(page, "Points")
+    shown = shown_pixels(page).astype(int)
+    f = shown.shape[0] // MODEL_RES
+    inside, outside = shown[32 * f + f // 2, 32 * f + f // 2], shown[10 * f, 10 * f]
+    assert inside[1] > inside[0] and inside[1] > inside[2], inside  # greenish where painted
+    click_model_pixel(page, 30, 32)
+    wait_text(page, "points", r"handle \(30, 32\) placed", 45_000)
 
 
 def test_stop_resume_upload_and_export(ui_server, page: Page, tmp_path):
@@ -187,40 +240,119 @@ def test_stop_resume_upload_and_export(ui_server, page: Page, tmp_path):
     latent = donor.predict(api_name="/download_latent")[0]
     src0 = image_rect(page)["src"]
     page.locator("#latent_upload input[type=file]").set_input_files(latent)
-    wait_text(page, "status", r"latent loaded", 60_000)
+    status = wait_text(page, "status", r"latent loaded", 60_000)
+    assert "2 point pairs cleared" in status, status  # a new image: the points went, Undo clear has them
     page.wait_for_function("(s) => document.querySelector('#canvas img').src !== s", arg=src0, timeout=45_000)
+    loaded_src = image_rect(page)["src"]
 
     # a bad file: warning, state kept
     bad = tmp_path / "bad.npy"
     bad.write_bytes(b"garbage" * 10)
     page.locator("#latent_upload input[type=file]").set_input_files(str(bad))
     wait_text(page, "status", r"⚠.*not a latent", 60_000)
-    assert "2: handle (30, 30)" in text(page, "points")
+    assert image_rect(page)["src"] == loaded_src  # the image stays
+    page.locator("#restore_points").wait_for(state="visible", timeout=45_000)
+    click_button(page, "restore_points")  # and the cleared points are still there to bring back
+    wait_text(page, "points", r"2: handle \(30, 30\)", 45_000)
 
-    # exports: PNG download
-    page.get_by_text("Export", exact=True).click()
-    page.locator("#export_png").scroll_into_view_if_needed()
-    click_button(page, "export_png")
-    link = page.locator("#export_files a").first
-    link.wait_for(timeout=45_000)
-    with page.expect_download(timeout=45_000) as dl:
-        link.click()
-    path = tmp_path / "export.png"
-    dl.value.save_as(path)
-    assert Image.open(path).size == (MODEL_RES, MODEL_RES)
+    # the buttons below the image download in one click (the browser's own download)
+    png = download(page, "dl_png", tmp_path)
+    assert Image.open(png).size == (4 * MODEL_RES, 4 * MODEL_RES)  # PNG 4x is the default
 
 
-def test_screenshot_with_points(default_ui_server, page: Page):
-    """The app as it starts (the default model, 128 px shown x4) runs a two-point drag, and
-    docs/screenshot.png shows it at 1280x900 with both drags (mouth corners outwards) placed."""
+def test_new_seed_clears_points_and_undo_clear_brings_them_back(ui_server, page: Page):
+    open_app(page, ui_server["url"])
+    assert page.locator("#seed input").input_value() == "0"
+    rect = image_rect(page)
+    click_model_pixel(page, 20, 40, rect)
+    wait_text(page, "points", r"handle \(20, 40\) placed", 45_000)
+    click_model_pixel(page, 23, 40, rect)
+    wait_text(page, "points", r"1: handle \(20, 40\) -> target \(23, 40\)", 45_000)
+    page.locator("#seed input").fill("1")
+    page.locator("#seed input").press("Enter")
+    status = wait_text(page, "status", r"new image from seed 1", 45_000)
+    assert "1 point pair cleared" in status and "Undo clear" in status, status
+    assert text(page, "points").startswith("no points")
+    page.locator("#restore_points").wait_for(state="visible", timeout=45_000)
+    click_button(page, "restore_points")
+    wait_text(page, "points", r"1: handle \(20, 40\) -> target \(23, 40\)", 45_000)
+    assert "brought back" in text(page, "status")
+    page.locator("#restore_points").wait_for(state="hidden", timeout=45_000)  # nothing left to bring back
+
+
+def test_masked_drag_then_undo_run_goes_back_to_the_image_before(ui_server, page: Page):
+    open_app(page, ui_server["url"])
+    set_mode(page, "Mask")
+    paint(page, 40, 128, 216, 128)  # flexible: a band across the middle (model y ~29-35)
+    wait_text(page, "mask_info", r"bbox", 45_000)
+    set_mode(page, "Points")
+    rect = image_rect(page)
+    click_model_pixel(page, 24, 32, rect)
+    wait_text(page, "points", r"handle \(24, 32\) placed", 45_000)
+    click_model_pixel(page, 28, 32, rect)
+    wait_text(page, "points", r"1: handle \(24, 32\) -> target \(28, 32\)", 45_000)
+    before = shown_pixels(page)
+    assert history_count(page) == 1  # the start
+    click_button(page, "start")
+    wait_text(page, "status", r"done|max steps", 90_000)
+    wait_history(page, 2)  # start, run 1
+    after = shown_pixels(page)
+    assert not np.array_equal(after, before)
+    assert "run 1" in page.locator("#history").inner_text()
+    click_button(page, "undo_run")
+    wait_text(page, "status", r"undid a run: showing the start", 45_000)
+    t0 = time.time()
+    while not np.array_equal(shown_pixels(page), before) and time.time() - t0 < 30:
+        time.sleep(0.3)
+    assert np.array_equal(shown_pixels(page), before)  # the image, points and mask from before the run
+    assert "1: handle (24, 32) -> target (28, 32), distance 4.0" in text(page, "points")
+    assert re.search(r"bbox", text(page, "mask_info"))
+    click_button(page, "redo_run")
+    wait_text(page, "status", r"redid run 1", 45_000)
+    t0 = time.time()
+    while not np.array_equal(shown_pixels(page), after) and time.time() - t0 < 30:
+        time.sleep(0.3)
+    assert np.array_equal(shown_pixels(page), after)
+
+
+def test_downloads_latent_png_recipe_and_the_latent_comes_back(ui_server, page: Page, tmp_path):
+    import json
+
+    from draggan_core.recipe import Recipe
+
+    open_app(page, ui_server["url"])
+    rect = image_rect(page)
+    click_model_pixel(page, 20, 40, rect)
+    wait_text(page, "points", r"placed", 45_000)
+    click_model_pixel(page, 24, 40, rect)
+    wait_text(page, "points", r"1: handle \(20, 40\)", 45_000)
+    click_button(page, "start")
+    wait_text(page, "status", r"done|max steps", 90_000)
+    wait_history(page, 2)  # the download buttons are refreshed with the strip
+    latent = download(page, "dl_latent", tmp_path)
+    assert latent.suffix == ".npy" and np.load(latent).ndim == 3
+    png = download(page, "dl_png", tmp_path)  # PNG 4x: the default size
+    assert png.name.endswith("-x4.png") and Image.open(png).size == (4 * MODEL_RES, 4 * MODEL_RES)
+    recipe_file = download(page, "dl_recipe", tmp_path)
+    recipe = Recipe.from_dict(json.loads(recipe_file.read_text()))
+    assert recipe.seed == 0 and recipe.drags == [(20.0, 40.0, 24.0, 40.0)]
+    # the latent uploaded again gives the same image (PNG downloads compared pixel for pixel)
+    page.locator("#latent_upload input[type=file]").set_input_files(str(latent))
+    wait_text(page, "status", r"latent loaded", 60_000)
+    wait_history(page, 1)  # a new image: a new history
+    (tmp_path / "again").mkdir()
+    again = download(page, "dl_png", tmp_path / "again")
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(png)))
+
+
+def test_screenshots_example_masked_edit_and_history(default_ui_server, page: Page):
+    """The app as it starts (the default model, 128 px): the README's example in one click, run; then
+    a masked drag on top; the history strip. Writes docs/screenshot.png, masked-edit.png, history.png."""
     open_app(page, default_ui_server["url"])
     rect = image_rect(page)
     assert rect["n"] == 512 and rect["s"] == 1  # 128 px upscaled x4 on the server, drawn 1:1
-    for h, t in (((56, 93), (52, 88)), ((84, 98), (88, 93))):  # seed 0's mouth corners, up and outwards
-        click_model_pixel(page, *h, rect, res=DEFAULT_MODEL_RES)
-        wait_text(page, "points", rf"handle \({h[0]}, {h[1]}\) placed", 45_000)
-        click_model_pixel(page, *t, rect, res=DEFAULT_MODEL_RES)
-        wait_text(page, "points", rf"-> target \({t[0]}, {t[1]}\)", 45_000)
+    page.locator("#examples button", has_text="Smile").first.click()
+    wait_text(page, "points", r"2: handle \(87, 91\) -> target \(92, 86\)", 60_000)
     page.evaluate("() => window.scrollTo(0, 0)")
     page.wait_for_function("() => document.querySelector('#canvas img').complete", timeout=45_000)
     time.sleep(0.5)
@@ -228,8 +360,39 @@ def test_screenshot_with_points(default_ui_server, page: Page):
     page.screenshot(path=str(SCREENSHOT))
     assert Image.open(SCREENSHOT).size == (1280, 900)
     src0 = image_rect(page)["src"]
-    page.mouse.click(*button_center(page, "start"))
+    click_button(page, "start")
     final = wait_text(page, "status", r"done|max steps", 120_000)
     distances = [float(d) for d in re.findall(r"distance ([\d.]+)", text(page, "points"))]
     assert len(distances) == 2 and max(distances) <= 2.0, (final, text(page, "points"))
     assert image_rect(page)["src"] != src0  # a new frame arrived
+    wait_history(page, 2)
+    # a masked drag on top: the lower lip down, only the mouth region may change
+    click_button(page, "clear")
+    set_mode(page, "Mask")
+    paint(page, 84, 184, 172, 184)  # editor px (2 per model px): two strokes over the mouth,
+    paint(page, 84, 200, 172, 200)  # model x ~35-93, y ~85-107
+    wait_text(page, "mask_info", r"bbox", 45_000)
+    set_mode(page, "Points")
+    rect = image_rect(page)
+    click_model_pixel(page, 71, 98, rect, res=DEFAULT_MODEL_RES)
+    wait_text(page, "points", r"handle \(71, 98\) placed", 45_000)
+    click_model_pixel(page, 71, 103, rect, res=DEFAULT_MODEL_RES)
+    wait_text(page, "points", r"1: handle \(71, 98\) -> target \(71, 103\)", 45_000)
+    click_button(page, "start")
+    wait_text(page, "status", r"done|max steps|settles", 120_000)
+    wait_text(page, "status", r"done|max steps", 120_000)
+    wait_history(page, 3)
+    page.evaluate("() => window.scrollTo(0, 0)")
+    time.sleep(0.5)
+    page.screenshot(path=str(MASKED_EDIT))
+    page.locator("#history").scroll_into_view_if_needed()
+    time.sleep(0.5)
+    box = page.locator("#history").bounding_box()
+    page.screenshot(path=str(HISTORY), clip={"x": box["x"] - 8, "y": box["y"] - 8, "width": box["width"] + 16,
+                                             "height": box["height"] + 72})
+    assert "run 2" in page.locator("#history").inner_text()
+    # a click on a step of the strip goes back to it
+    page.locator("#history .thumbnail-item").nth(1).click()
+    wait_text(page, "status", r"back to the result of run 1: \d+ steps, done \(1 later run", 45_000)
+    # ... with the points and mask the next run started from (run 2's: ready to run it again, changed)
+    wait_text(page, "points", r"^1: handle \(71, 98\) -> target \(71, 103\), distance 5.0$", 45_000)

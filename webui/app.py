@@ -150,15 +150,15 @@ def build_demo(model: str | os.PathLike | None = None, first_state: EditorState 
                     stop_btn = gr.Button("■ Stop", variant="stop", elem_id="stop", min_width=80)
                     undo_run_btn = gr.Button("↶ Undo run", elem_id="undo_run", min_width=80, interactive=False)
                     redo_run_btn = gr.Button("↷ Redo run", elem_id="redo_run", min_width=80, interactive=False)
+                    restore_btn = gr.Button("↶ Undo clear", elem_id="restore_points", min_width=80, visible=False,
+                                            variant="secondary")
                 status_box = gr.Textbox(label="Status", interactive=False, elem_id="status", max_lines=2)
                 with gr.Row():
                     undo_btn = gr.Button("Undo point", elem_id="undo", min_width=80, size="sm")
                     clear_btn = gr.Button("Clear points", elem_id="clear", min_width=80, size="sm")
                     reset_btn = gr.Button("Reset image", elem_id="reset", min_width=80, size="sm")
-                    restore_btn = gr.Button("↶ Undo clear", elem_id="restore_points", min_width=80, size="sm",
-                                            visible=False, variant="secondary")
                 gallery = gr.Gallery(first.history_items(), label="History (click a step to go back to it)",
-                                     elem_id="history", columns=8, rows=1, height=150, allow_preview=False, fit_columns=False,
+                                     elem_id="history", columns=7, rows=1, height=160, allow_preview=False, fit_columns=False,
                                      object_fit="contain", interactive=False, buttons=[])
                 with gr.Row(elem_id="downloads", equal_height=False):
                     dl_png = gr.DownloadButton("⬇ PNG", elem_id="dl_png", min_width=70, size="sm")
@@ -212,7 +212,7 @@ def build_demo(model: str | os.PathLike | None = None, first_state: EditorState 
                     image_file = gr.File(label="Edit your own image (GAN inversion, 150 steps)", type="filepath",
                                          file_types=["image"], elem_id="image_upload", height=110)
 
-                with gr.Accordion("Mask", open=False):
+                with gr.Accordion("Mask", open=True):
                     gr.Markdown("Switch the image to **Mask** and paint on it: green = may change, "
                                 "red = stays fixed (the brush's meaning is chosen above the image). "
                                 "Each stroke applies at once.", elem_classes=["hint"])

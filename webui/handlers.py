@@ -255,7 +255,8 @@ class App:
         if index is None:
             raise UIError("give a history step")
         st.goto(index)
-        return f"back to {'the start' if st.cursor == 0 else f'the result of run {st.cursor}'}" + (
+        shown = "the start" if st.cursor == 0 else f"the result of {st.history[st.cursor - 1].label(st.cursor)}"
+        return f"back to {shown}" + (
             f" ({len(st.history) - st.cursor} later run{'s' if len(st.history) - st.cursor > 1 else ''}: ↷ Redo)"
             if st.cursor < len(st.history) else "")
 

@@ -75,6 +75,10 @@ class HistoryStep:
     def label(self, index: int) -> str:
         return f"run {index}: {self.steps} step{'s' if self.steps != 1 else ''}, {self.outcome}"
 
+    def caption(self, index: int) -> str:
+        """Short, for a thumbnail: 'run 2: 40'."""
+        return f"run {index}: {self.steps}"
+
     @property
     def nbytes(self) -> int:
         return sum(session_bytes(snap[0]) for snap in (self.snap_before, self.snap_after) if snap is not None)

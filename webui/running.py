@@ -173,8 +173,7 @@ class RunMixin:
             try:
                 stopped = self.stop_requested or self._cancel_run
                 outcome = ("stopped" if stopped else "engine lost" if end is not None and end.reason in ("lost", "error")
-                           else "rolled back" if result is not None and result.message and not result.reached
-                           else "done" if result is not None and result.reached else "max steps")
+                           else _outcome(result))
                 self._record_run(before, snap_before, first_step, outcome, stopped or outcome == "engine lost")
             finally:
                 self.running = False
@@ -237,6 +236,22 @@ class RunMixin:
         self.version += 1
         d = ", ".join(f"{math.dist(p.handle, p.target):.1f}" for p in self.session.pairs)
         return f"stopped at step {self.session.step_count} - distances: {d} px - press Start to resume"
+
+
+RUN_END_WORDS = {"arrived": "done", "max_steps": "max steps", "lost_handle": "handle lost", "stalled": "stalled",
+                 "diverged": "rolled back"}
+
+
+def _outcome(result) -> str:
+    """How a run ended, in a word or two for the history strip."""
+    if result is None:
+        return "no step"
+    end = getattr(result, "end", None)
+    if end in RUN_END_WORDS:
+        return RUN_END_WORDS[end]
+    if result.message and not result.reached:
+        return "rolled back"
+    return "done" if result.reached else "max steps"
 
 
 class UpdateSlot:

@@ -249,12 +249,14 @@ class EditorState(RunMixin, ExportMixin):
         return self.cursor
 
     def history_items(self) -> list[tuple[np.ndarray, str]]:
-        """(thumbnail, caption) of the start and of every run, for the history strip."""
-        items = [(render.thumbnail(self.start_frame), "start" + (" (shown)" if self.cursor == 0 else ""))]
+        """(thumbnail, caption) of the start and of every run, for the history strip; the step shown
+        is marked with ▶."""
+        mark = lambda i: "▶ " if i == self.cursor else ""  # noqa: E731
+        items = [(render.thumbnail(self.start_frame), mark(0) + "start")]
         for i, step in enumerate(self.history):
             frame = step.frames[-1] if step.frames else render.trajectory_frame(
                 self.session.render(step.latent.to(self.session.device)))
-            items.append((render.thumbnail(frame), step.label(i + 1) + (" (shown)" if self.cursor == i + 1 else "")))
+            items.append((render.thumbnail(frame), mark(i + 1) + step.caption(i + 1)))
         return items
 
     # ------------------------------------------------------------------ latent

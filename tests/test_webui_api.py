@@ -285,3 +285,26 @@ def test_a_click_racing_the_page_load_event_is_kept():
     assert "handle (20, 40) placed" in app.on_load(None, me)[1]
     assert app.on_load(None, other)[3] is not clicked  # another visitor: a state of its own
     assert app.ensure(None) is not app.ensure(None)  # no session (the Python API): a new state each time
+
+
+def test_refused_inputs_name_models_not_server_paths_and_log_one_line(ui_server):
+    """A value the model list does not offer is refused by gradio: the message lists model names
+    (never the server's paths), and the server log gets one line, not a traceback."""
+    from conftest import REPO
+    c = client(ui_server)
+    before = debug(c)
+    log_start = ui_server["log"].stat().st_size
+    for value in ("/etc/passwd", str(ui_server["model"])):  # a path, even the loaded model's own, is no name
+        with pytest.raises(Exception) as info:
+            c.predict(value, api_name="/set_model")
+        message = str(info.value)
+        assert "not in the list of choices" in message and "embedded-faces64-parts.safetensors" in message, message
+        assert str(REPO) not in message.replace(value, ""), message
+    assert debug(c) == before
+    time.sleep(0.5)
+    with open(ui_server["log"], "rb") as log:
+        log.seek(log_start)
+        text = log.read()
+    assert b"Traceback" not in text and text.count(b"gradio refused an input") >= 2, text[-2000:]
+    c.predict("embedded-faces64.safetensors", api_name="/set_model")  # a name from the list is taken
+    assert debug(c)["model"] == "embedded-faces64.safetensors"

@@ -26,6 +26,9 @@ def parse_args(argv=None):
                    help="address to listen on (0.0.0.0 to serve the network)")
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", os.environ.get("GRADIO_SERVER_PORT", 7860))))
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
+    p.add_argument("--allow-downloads", action=argparse.BooleanOptionalAction, default=None,
+                   help="let visitors download known models into this server's checkpoints/ (default: on, "
+                        "except with --share or on a Hugging Face Space)")
     serving = p.add_argument_group("serving on Ray (pip install -r requirements-serve.txt; docs/serving.md)")
     serving.add_argument("--engine", choices=("local", "ray"), default="local",
                          help="where drags run: in this process (default) or on a Ray Serve deployment")
@@ -111,7 +114,10 @@ def prepare(args):
     t1 = time.perf_counter()
     st.warm_up()
     from .app import build_demo  # gradio is imported only now
-    demo = build_demo(path, first_state=st)
+    from .services import downloads_allowed_by_default
+    allow = getattr(args, "allow_downloads", None)
+    demo = build_demo(path, first_state=st, allow_downloads=downloads_allowed_by_default(
+        share=getattr(args, "share", False)) if allow is None else allow)
     info = (f"model {model.name} ({model.G.img_resolution} px) on {describe(device)}, "
             f"loaded and rendered in {seconds:.1f} s, first drag steps warmed up in {time.perf_counter() - t1:.1f} s")
     if engine is not None:

@@ -192,6 +192,14 @@ def test_mask_brush_stroke_reaches_server(ui_server, page: Page):
     # a stroke from model (16, 32) to (48, 32) with a ~3.5 model-px brush radius
     assert abs(x0 - 13) <= 3 and abs(x1 - 51) <= 3 and abs(y0 - 29) <= 3 and abs(y1 - 35) <= 3, info
     assert 150 <= n <= 500, info
+    # the eraser takes paint away: the right half of the stroke
+    page.locator("#editor button[aria-label=Erase]").click()
+    paint(page, 128, 128, 230, 128)
+    info = wait_text(page, "mask_info", r"bbox x \d+-(2\d|3[0-9]),", 45_000)
+    assert int(re.search(r"(\d+) of 4096", info).group(1)) < n, info
+    page.locator("#editor button[aria-label=Brush]").click()
+    paint(page, 128, 128, 192, 128)  # and the brush puts it back
+    wait_text(page, "mask_info", r"bbox x \d+-(4[5-9]|5\d),", 45_000)
     # back to Points: the image shows the painted region (green tint) and takes clicks again
     set_mode(page, "Points")
     shown = shown_pixels(page).astype(int)

@@ -97,6 +97,13 @@ def test_runs_undo_and_redo_exactly_and_a_run_again_after_undo_is_the_same_run(s
     assert torch.equal(st.session.latent, latent_b) and st.cursor == 2
     with pytest.raises(Exception, match="no run to redo"):
         st.redo_run()
+    assert st.cleared_note() == ""  # nothing of the user's was replaced
+    st.add_pair(5, 5, 8, 8)  # new points after the last run, then Undo run: Undo clear keeps them
+    st.undo_run()
+    assert "3 point pairs cleared" in st.cleared_note() and len(st.session.pairs) == 2
+    st.redo_run()
+    assert st.cleared_note() == ""
+    assert st.restore_cleared() == "3 point pairs" and len(st.session.pairs) == 3
     items = st.history_items()
     assert [c for _, c in items] == ["start", "run 1: 8", "▶ run 2: 6"] and items[0][0].shape == (96, 96, 3)
 

@@ -243,12 +243,13 @@ class App:
     @latent_handler
     def undo_run(self, st):
         st.undo_run()
-        return f"undid a run: showing {'the start' if st.cursor == 0 else f'the result of run {st.cursor}'}"
+        return (f"undid a run: showing {'the start' if st.cursor == 0 else f'the result of run {st.cursor}'}"
+                + st.cleared_note())
 
     @latent_handler
     def redo_run(self, st):
         st.redo_run()
-        return f"redid run {st.cursor}"
+        return f"redid run {st.cursor}" + st.cleared_note()
 
     @latent_handler
     def goto_step(self, st, index):
@@ -258,7 +259,7 @@ class App:
         shown = "the start" if st.cursor == 0 else f"the result of {st.history[st.cursor - 1].label(st.cursor)}"
         return f"back to {shown}" + (
             f" ({len(st.history) - st.cursor} later run{'s' if len(st.history) - st.cursor > 1 else ''}: ↷ Redo)"
-            if st.cursor < len(st.history) else "")
+            if st.cursor < len(st.history) else "") + st.cleared_note()
 
     def on_history_select(self, st, evt: gr.SelectData):
         if evt is None or evt.index is None:

@@ -43,6 +43,13 @@ class Marks:
             return "nothing"
         return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
+    def same(self, other: "Marks") -> bool:
+        """The same points (as placed and as tracked), pending handle and mask."""
+        masks_equal = (self.mask is None and other.mask is None) or (
+            self.mask is not None and other.mask is not None and np.array_equal(self.mask, other.mask))
+        return (self.pairs == other.pairs and self.pending == other.pending and masks_equal
+                and (self.mask is None or self.paint_fixed == other.paint_fixed))
+
     def scaled(self, resolution: int, at_origin: bool = False) -> "Marks":
         """The same marks on an image of another resolution (points scaled, clamped onto it);
         at_origin: handles back where they were placed (a new image: nothing has moved yet)."""

@@ -227,6 +227,11 @@ class EditorState(RunMixin, ExportMixin):
         if snap is None:
             raise UIError(f"step {index} is too far back to return to (the editor keeps the newest "
                           "runs' states); the recipe still has it")
+        # points or a mask changed since the step shown would be lost: Undo clear keeps them
+        current, here = self.marks(), self._marks_at(self.cursor)
+        self.just_cleared = here is not None and not current.empty() and not current.same(here)
+        if self.just_cleared:
+            self.cleared = current
         self.session, self.recorder = snapshot(*snap)
         self.pending = None
         self.mask_paint_fixed, self.mask_layer = marks.paint_fixed, marks.layer
@@ -235,6 +240,13 @@ class EditorState(RunMixin, ExportMixin):
         self.last_distances = []
         self.cursor = index
         self.version += 1
+
+    def _marks_at(self, index: int) -> Marks | None:
+        """The points and mask that history step `index` shows (None without history)."""
+        n = len(self.history)
+        if n == 0 or not 0 <= index <= n:
+            return None
+        return self.history[index].before if index < n else self.history[-1].after
 
     def undo_run(self) -> int:
         if self.cursor == 0:

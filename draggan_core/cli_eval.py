@@ -46,8 +46,9 @@ def add_parser(subparsers):
     p.add_argument("--edits", choices=("everyday", "stress", "all"), default=None,
                    help="run the user-edit benchmark instead (named edits judged by re-detected landmarks and the "
                         "parts check, draggan_core/user_edits.py); --pairs is then the number of seeds per edit")
-    p.add_argument("--compat", choices=("ours", "official"), default="ours",
-                   help="drag engine for --edits: ours (the model's defaults) or the official implementation's choices")
+    p.add_argument("--compat", choices=("ours", "official", "both"), default="ours",
+                   help="drag engine for --edits: ours (the model's defaults), the official implementation's "
+                        "choices, or both in one run (the same seeds)")
     p.add_argument("--detector", metavar="PATH", default=None,
                    help="landmark detector weights (default: landmarks64.safetensors in the bundled models folder)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
@@ -98,25 +99,31 @@ def run_edits(args, G, detector, defaults: dict) -> int:
     from .user_edits import EDIT_SETS, evaluate_edits
 
     edits = EDIT_SETS[args.edits]
-    bar = progress_bar(args, total=len(edits) * args.pairs, desc="edits", unit="edit", dynamic_ncols=True)
+    engines = ("ours", "official") if args.compat == "both" else (args.compat,)
+    bar = progress_bar(args, total=len(edits) * args.pairs * len(engines), desc="edits", unit="edit",
+                       dynamic_ncols=True)
 
     def progress(i, rec):
         bar.update(1)
         bar.set_postfix_str(f"{rec['edit']}: {'reached' if rec['reached'] else 'missed'}, "
                             f"{'intact' if rec['intact'] else 'parts lost'}")
 
+    results = []
     try:
-        result = evaluate_edits(G, detector, edits, args.pairs, args.split, args.seed, model_defaults=defaults,
-                                config=DragConfig(max_steps=args.steps, display_every=0, compat=args.compat),
-                                progress=progress, psi=args.psi)
+        for compat in engines:
+            result = evaluate_edits(G, detector, edits, args.pairs, args.split, args.seed, model_defaults=defaults,
+                                    config=DragConfig(max_steps=args.steps, display_every=0, compat=compat),
+                                    progress=progress, psi=args.psi)
+            result.update(compat=compat, model=str(args.model_path), edit_set=args.edits)
+            results.append(result)
     finally:
         bar.close()
-    result.update(compat=args.compat, model=str(args.model_path), edit_set=args.edits)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    print(format_edit_report(result))
+        Path(args.out).write_text(json.dumps(results if len(results) > 1 else results[0], indent=1))
+    print("\n".join(format_edit_report(r) for r in results))
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "records"}))
+        summary = [{k: v for k, v in r.items() if k != "records"} for r in results]
+        print(json.dumps(summary if len(summary) > 1 else summary[0]))
     return 0
 
 

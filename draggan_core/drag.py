@@ -36,8 +36,9 @@ from .networks import Generator, to_uint8_image
 from .windowed import features_in_window
 
 COMPAT_MODES = ("ours", "official")
-# how a run ends: every handle arrived; max steps; a handle lost its feature; no progress; rolled back
-RUN_ENDS = ("arrived", "max_steps", "lost_handle", "stalled", "diverged")
+# how a run ends: every handle arrived; max steps; a handle lost its feature; the latent went too far
+# from the start; no progress; rolled back
+RUN_ENDS = ("arrived", "max_steps", "lost_handle", "limit", "stalled", "diverged")
 # drag-default settings a model card may give a separate value for edits with several points
 MULTI_POINT_SETTINGS = ("lr", "r1")
 
@@ -68,6 +69,9 @@ class DragConfig:
     # the run at the best state seen (the smallest mean tracked distance while every handle was held)
     lost_match: float | None = None
     patience: int | None = None
+    # a latent further than this from where the edit started (RMS over W+, `latent_shift`) is beyond
+    # what the model draws well: the run ends at the best state within it (0: no limit)
+    max_shift: float | None = None
     lambda_w0: float | None = None     # pull towards the latent the edit started from: mean (w - w0)^2
     # without a mask, keep the features far from every handle and target as they were when the points
     # were placed (weight `lambda_local`; 0: off): the region within |target - handle| / 2 + local_margin
@@ -147,6 +151,8 @@ class DragConfig:
             c.lost_match = 0.0 if official else float(md.get("lost_match", 0.0))
         if c.patience is None:
             c.patience = 0 if official else int(md.get("patience", 0))
+        if c.max_shift is None:
+            c.max_shift = 0.0 if official else float(md.get("max_shift", 0.0))
         if c.lambda_w0 is None:
             c.lambda_w0 = 0.0 if official else float(md.get("lambda_w0", 0.0))
         if c.lambda_local is None:
@@ -164,7 +170,7 @@ class DragConfig:
             raise ValueError("w_mode must be 'w' or 'w+'")
         if (not (0 < c.lr < 1) or c.r1 <= 0 or c.r2 < 1 or c.max_steps < 0 or c.lambda_mask < 0
                 or c.lambda_image < 0 or c.mask_hold_steps < 0 or c.mask_feather < 0 or c.mask_hold_anchor < 0
-                or c.lost_match < 0 or c.patience < 0 or c.lambda_w0 < 0 or c.lambda_local < 0 or c.local_margin < 0):
+                or c.lost_match < 0 or c.patience < 0 or c.max_shift < 0 or c.lambda_w0 < 0 or c.lambda_local < 0 or c.local_margin < 0):
             raise ValueError("invalid drag settings: need 0 < lr < 1, r1 > 0, r2 >= 1, max_steps >= 0, lambda >= 0")
         c.num_optimized_ws = int(min(max(c.num_optimized_ws, 1), G.num_ws))
         return c
@@ -365,6 +371,16 @@ class DragSession:
         for group in self._opt.param_groups:
             group["lr"] = cfg.lr
 
+    def latent_shift(self, param: torch.Tensor | None = None) -> float:
+        """RMS distance over W+ between the latent (with `param` as its optimised head) and the start."""
+        if self._param is None:
+            return float((self._w_full - self.w_initial).square().mean().sqrt())
+        n, mode = self._param_layout
+        head = (self._param if param is None else param).detach()
+        squares = (head - self._start_param()).square().sum() * (n if mode == "w" else 1)
+        squares = squares + (self._w_full[:, n:] - self.w_initial[:, n:]).square().sum()
+        return float((squares / self.w_initial.numel()).sqrt())
+
     def _start_param(self) -> torch.Tensor:
         """The initial latent in the optimised parameter's layout."""
         n, mode = self._param_layout
@@ -448,16 +464,21 @@ class _BestState:
         lost = [i for i, m in enumerate(result.matches) if cfg.lost_match > 0 and m > cfg.lost_match]
         step_of_result = s.step_count - (1 if not result.done else 0)  # the result describes the state before the step
         score = sum(result.distances) / len(result.distances)
-        if not lost and score < self.score - 1e-6:
+        too_far = cfg.max_shift > 0 and s.latent_shift(param_before) > cfg.max_shift
+        if not lost and not too_far and score < self.score - 1e-6:
             self.score, self.param, self.step = score, param_before, step_of_result
             self.handles, self.distances = list(result.handles), list(result.distances)
-        if result.done and result.reached:  # arrived: this very state is the result
+        if result.done and result.reached and not too_far:  # arrived: this very state is the result
             return
         if lost:
             end = "lost_handle"
             who = "the handle" if len(result.distances) == 1 else \
                 "handle " + " and ".join(str(i + 1) for i in lost)
             why = f"{who} stopped following {'its feature' if len(lost) == 1 else 'their features'} at step {step_of_result}"
+        elif too_far:
+            end = "limit"
+            why = (f"the edit reached the limit of what the model draws well at step {step_of_result} "
+                   f"(latent moved {s.latent_shift(param_before):.2f} RMS, limit {cfg.max_shift:g})")
         elif cfg.patience and step_of_result - self.step >= cfg.patience:
             end, why = "stalled", f"no handle came closer for {cfg.patience} steps (step {step_of_result})"
         else:  # max steps is a pause, not an end: Start goes on from here as if it had never stopped

@@ -152,3 +152,15 @@ def test_local_reference_is_retaken_for_new_points(model):
     s.add_pair((84, 98), (88, 95))
     list(s.run(max_steps=1))  # a new point: the image as it is now
     assert not torch.equal(s._mask_reference, first)
+
+
+def test_cli_runs_both_engines_on_the_same_seeds(capsys):
+    from draggan_core.cli import main
+    rc = main(["eval", "--edits", "stress", "--pairs", "1", "--steps", "2", "--compat", "both", "--split", "val",
+               "--json", "--quiet", "--threads", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    ours, official = json.loads(out[-1])
+    assert (ours["compat"], official["compat"]) == ("ours", "official")
+    assert ours["stress"]["edits"] == official["stress"]["edits"] == len(ue.STRESS_EDITS)
+    assert "user edits (val split, 1 seeds per edit, engine official)" in "\n".join(out)

@@ -1,5 +1,5 @@
-"""`python -m draggan_core <command>`: see draggan_core/cli.py."""
-from .cli import main
+"""`python -m draggan_core <command>`: see draggan_core/cli/program.py."""
+from .cli.program import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cli import add_quiet_argument
-from .devices import add_device_argument, describe
-from .drag import DragConfig, DragSession
-from .networks import Generator, GeneratorConfig
+from ..edit.session import DragSession
+from ..edit.settings import DragConfig
+from ..model.devices import add_device_argument, describe
+from ..model.networks import Generator, GeneratorConfig
+from .program import add_quiet_argument
 
 
 def _ffhq512() -> GeneratorConfig:
@@ -48,11 +49,11 @@ def _load(config: str, device="cpu") -> tuple[Generator, str]:
         torch.manual_seed(0)
         return Generator(_ffhq512()).to(device), "FFHQ-512-shaped StyleGAN2, random weights (seed 0)"
     if config == "embedded":
-        from .models import default_model_path
+        from ..model.store import default_model_path
         config = str(default_model_path())
         if not Path(config).is_file():
             raise FileNotFoundError(f"{config}: the embedded model is missing")
-    from .checkpoints import load_generator
+    from ..model.checkpoints import load_generator
     return load_generator(config, device=device), config
 
 

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import (CliError, add_model_argument, add_quiet_argument, check_outputs, check_scale, enlarge, load_model,
-                  positive_int, progress_bar, resolve_model_path)
-from .devices import add_device_argument
-from .recipe import MAX_MASK_PIXELS, EditRecorder, MaskError, Recipe, embed_mask, parse_drag, read_mask, replay_runs
+from ..edit.recipe import (MAX_MASK_PIXELS, EditRecorder, MaskError, Recipe, embed_mask, parse_drag, read_mask,
+                           replay_runs)
+from ..model.devices import add_device_argument
+from .program import (CliError, add_model_argument, add_quiet_argument, check_outputs, check_scale, enlarge, load_model,
+                      positive_int, progress_bar, resolve_model_path)
 
 __all__ = ["CliError", "MAX_MASK_PIXELS", "add_parser", "check_distinct_drags", "load_mask", "run", "save_gif"]
 
@@ -57,7 +58,7 @@ SETTING_FLAGS = {flag[2:].replace("-", "_"): field for flag, field, _, _ in MODE
 
 
 def _default_model_defaults() -> dict:
-    from .models import drag_defaults_of
+    from ..model.store import drag_defaults_of
     try:
         return drag_defaults_of(resolve_model_path(None))
     except CliError:  # no default model: the help still works
@@ -163,7 +164,7 @@ def _build_recipe(args) -> Recipe:
 
 def check_distinct_drags(drags) -> None:
     """A pair given twice, or one handle with two targets, is a mistake: say so instead of running it."""
-    from .drag import as_point  # the session stores points rounded like this
+    from ..edit.settings import as_point  # the session stores points rounded like this
     pairs, targets_of = set(), {}
     for hx, hy, tx, ty in drags:
         handle, target = as_point(hx, hy), as_point(tx, ty)
@@ -231,15 +232,16 @@ def save_gif(path, frames, scale: int, markers: bool = True) -> None:
 def model_for_recipe(model_path: Path) -> str:
     """A model from the bundled models folder is named by file name (found there on replay, from any
     folder); another model by its absolute path."""
-    from .cli import DEFAULT_MODEL
+    from .program import DEFAULT_MODEL
     model_path = model_path.resolve()
     return model_path.name if model_path.parent == DEFAULT_MODEL.parent.resolve() else str(model_path)
 
 
 def run(args) -> int:
-    from .drag import DragSession, as_point
-    from .latents import load_latent, save_latent, seed_to_w
-    from .models import drag_defaults_of
+    from ..edit.session import DragSession
+    from ..edit.settings import as_point
+    from ..model.latents import load_latent, save_latent, seed_to_w
+    from ..model.store import drag_defaults_of
 
     check_outputs(("--out", args.out, "image"), ("--gif", args.gif, "animation"),
                   ("--save-latent", args.save_latent, "file"), ("--save-recipe", args.save_recipe, "file"),

@@ -1,4 +1,4 @@
-"""`python -m draggan_core eval`: the paper's landmark-transfer evaluation (see draggan_core/evaluation.py).
+"""`python -m draggan_core eval`: the paper's landmark-transfer evaluation (see draggan_core/evaluation/protocol.py).
 
     python -m draggan_core eval --pairs 20 --points 1 --json
     python -m draggan_core eval --pairs 20 --points 5 --split val --mask
@@ -12,7 +12,7 @@ JSON object (keys md_before, md_after, reduction, seconds_per_edit, points, pair
     python -m draggan_core eval --edits everyday --pairs 4 --split test
     python -m draggan_core eval --edits all --pairs 4 --compat official
 
-`--edits` runs the user-edit benchmark instead (draggan_core/user_edits.py): named everyday edits
+`--edits` runs the user-edit benchmark instead (draggan_core/evaluation/user_edits.py): named everyday edits
 (smile, raise brows, look aside, ...) and stress edits beyond the face world's limits, each on
 `--pairs` seeds, judged by re-detected landmarks (reached), the parts check (intact) and the drift of
 landmarks far from the points.
@@ -23,9 +23,9 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli import CliError, add_model_argument, add_quiet_argument, check_outputs, progress_bar, resolve_model_path
-from .devices import add_device_argument
-from .landmark_net import DEFAULT_DETECTOR_PATH
+from ..model.devices import add_device_argument
+from ..model.landmark_net import DEFAULT_DETECTOR_PATH
+from .program import CliError, add_model_argument, add_quiet_argument, check_outputs, progress_bar, resolve_model_path
 
 
 def add_parser(subparsers):
@@ -45,7 +45,7 @@ def add_parser(subparsers):
                    help="round handles and targets to pixel centres (as clicks are) instead of sub-pixel")
     p.add_argument("--edits", choices=("everyday", "stress", "all"), default=None,
                    help="run the user-edit benchmark instead (named edits judged by re-detected landmarks and the "
-                        "parts check, draggan_core/user_edits.py); --pairs is then the number of seeds per edit")
+                        "parts check, draggan_core/evaluation/user_edits.py); --pairs is then the number of seeds per edit")
     p.add_argument("--compat", choices=("ours", "official", "both"), default="ours",
                    help="drag engine for --edits: ours (the model's defaults), the official implementation's "
                         "choices, or both in one run (the same seeds)")
@@ -95,8 +95,8 @@ def format_edit_report(r: dict) -> str:
 
 
 def run_edits(args, G, detector, defaults: dict) -> int:
-    from .drag import DragConfig
-    from .user_edits import EDIT_SETS, evaluate_edits
+    from ..edit.settings import DragConfig
+    from ..evaluation.user_edits import EDIT_SETS, evaluate_edits
 
     edits = EDIT_SETS[args.edits]
     engines = ("ours", "official") if args.compat == "both" else (args.compat,)
@@ -130,9 +130,9 @@ def run_edits(args, G, detector, defaults: dict) -> int:
 def run(args) -> int:
     import torch
 
-    from .checkpoints import load_generator
-    from .evaluation import EvalConfig, evaluate, load_detector
-    from .models import drag_defaults_of
+    from ..model.checkpoints import load_generator
+    from ..evaluation.protocol import EvalConfig, evaluate, load_detector
+    from ..model.store import drag_defaults_of
 
     check_outputs(("--out", args.out, "file"))
     if args.threads:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import CliError, add_model_argument, add_quiet_argument, check_outputs, load_model, progress_bar
-from .devices import add_device_argument
+from ..model.devices import add_device_argument
+from .program import CliError, add_model_argument, add_quiet_argument, check_outputs, load_model, progress_bar
 
 
 def add_parser(subparsers):
@@ -39,8 +39,8 @@ def add_parser(subparsers):
 def run(args) -> int:
     import torch
 
-    from .inversion import InversionConfig, invert_iter
-    from .latents import save_latent
+    from ..edit.inversion import InversionConfig, invert_iter
+    from ..model.latents import save_latent
 
     if args.steps is not None and args.steps < 0:
         raise CliError("--steps must be >= 0")
@@ -77,7 +77,7 @@ def run(args) -> int:
             raise CliError(f"{out}: cannot write image ({e})") from None
         written.append(str(out))
     if args.tuned_model and result.generator is not None:
-        from .checkpoints import save_native
+        from ..model.checkpoints import save_native
         save_native(result.generator, args.tuned_model, dtype=torch.float32)
         written.append(args.tuned_model)
     print(f"PSNR {result.psnr:.2f} dB after {len(result.history)} steps ({result.seconds:.1f} s)")

@@ -3,9 +3,9 @@
 Commands are registered, not hard-wired: each one is an `add_parser(subparsers)` function that
 creates its sub-parser and sets `func=<handler(args) -> int>` as a default. Built-in commands are
 listed in COMMANDS below; other modules add theirs either by calling `register_command` or, without
-touching this file, by living in `draggan_core/cli_<name>.py` and defining `add_parser(subparsers)`
-(discovered automatically). Shared helpers for such modules: `add_model_argument`, `load_model`,
-`resolve_model_path`, `CliError`, `add_quiet_argument` with `progress_bar`.
+touching this file, by living in `draggan_core/cli/<name>.py` and defining `add_parser(subparsers)`
+(discovered automatically: drag.py, eval.py, invert.py, bench.py). Shared helpers for such modules:
+`add_model_argument`, `load_model`, `resolve_model_path`, `CliError`, `add_quiet_argument` with `progress_bar`.
 
 Expected failures (bad files, bad arguments, network) print `error: <one line>` to stderr and exit
 with code 2, never a traceback. Output paths are checked before any work (`check_outputs`): a run
@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .devices import DeviceError, add_device_argument, resolve_device
-from .models import CHECKPOINTS_DIR as DEFAULT_CHECKPOINTS_DIR
-from .models import default_model_path
+from ..model.devices import DeviceError, add_device_argument, resolve_device
+from ..model.store import CHECKPOINTS_DIR as DEFAULT_CHECKPOINTS_DIR
+from ..model.store import default_model_path
 
 DEFAULT_MODEL = default_model_path()
 EXIT_ERROR = 2
@@ -173,7 +173,7 @@ def enlarge(image, scale: int):
 
 
 def load_model(arg: str | os.PathLike | None, device: str = "cpu"):
-    from .checkpoints import load_generator
+    from ..model.checkpoints import load_generator
     return load_generator(resolve_model_path(arg), device=device)
 
 
@@ -242,8 +242,8 @@ def _cmd_render(args) -> int:
     import numpy as np
     import torch
 
-    from .latents import load_latent, save_latent, seed_to_w
-    from .networks import to_uint8_image
+    from ..model.latents import load_latent, save_latent, seed_to_w
+    from ..model.networks import to_uint8_image
 
     check_outputs(("--out", args.out, "image"), ("--raw", args.raw, "file"),
                   ("--save-latent", args.save_latent, "file"))
@@ -295,7 +295,7 @@ def _add_convert(subparsers):
 def _cmd_convert(args) -> int:
     import torch
 
-    from .checkpoints import save_native
+    from ..model.checkpoints import save_native
     out = Path(args.output)
     if out.resolve() == Path(args.input).resolve():
         raise CliError("output would overwrite the input file")
@@ -341,7 +341,7 @@ def model_info(G) -> dict:
 
 
 def _cmd_info(args) -> int:
-    from .checkpoints import detect_format
+    from ..model.checkpoints import detect_format
     if args.model_pos is not None and args.model is not None and args.model_pos != args.model:
         raise CliError("give the model either as MODEL or as --model, not both")
     path = resolve_model_path(args.model_pos if args.model_pos is not None else args.model)
@@ -386,7 +386,7 @@ def _add_download(subparsers):
 
 
 def _cmd_download(args) -> int:
-    from .registry import download
+    from ..model.registry import download
     path = download(args.name, args.dir, progress=not args.no_progress)
     print(f"saved {path}")
     return 0
@@ -415,7 +415,7 @@ def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 def _native_resolution(path: Path) -> str:
     import json
 
-    from .checkpoints import read_native_metadata
+    from ..model.checkpoints import read_native_metadata
     try:
         return str(json.loads(read_native_metadata(path)["config"])["img_resolution"])
     except Exception:  # another format: the file would have to be loaded to know
@@ -423,8 +423,8 @@ def _native_resolution(path: Path) -> str:
 
 
 def _cmd_models(args) -> int:
-    from .models import list_local_models
-    from .registry import list_models
+    from ..model.store import list_local_models
+    from ..model.registry import list_models
 
     folder = Path(args.dir)
     local = list_local_models(folder)
@@ -457,12 +457,14 @@ def _cmd_models(args) -> int:
 # --------------------------------------------------------------------------------------------------
 
 def _discover_command_modules() -> None:
-    """Import `draggan_core/cli_*.py` modules; each may define add_parser(subparsers)."""
+    """Import the command modules `draggan_core/cli/<name>.py` (every module of this package but this
+    one); each may define add_parser(subparsers) for the command <name>."""
     package_dir = Path(__file__).resolve().parent
+    this = __name__.rpartition(".")[2]
     for mod in sorted(pkgutil.iter_modules([str(package_dir)]), key=lambda m: m.name):
-        if not mod.name.startswith("cli_"):
+        if mod.name == this or mod.name.startswith("_"):
             continue
-        name = f"{__package__ or 'draggan_core'}.{mod.name}"
+        name = f"{__package__ or 'draggan_core.cli'}.{mod.name}"
         try:
             module = importlib.import_module(name)
         except Exception as e:  # a broken add-on command must not take the whole CLI down
@@ -470,7 +472,7 @@ def _discover_command_modules() -> None:
             continue
         add = getattr(module, "add_parser", None)
         if callable(add) and add not in COMMANDS.values():
-            COMMANDS[mod.name[len("cli_"):]] = add
+            COMMANDS[mod.name] = add
 
 
 def _program_name() -> str:
@@ -492,9 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoints import CheckpointError
-    from .latents import LatentError
-    from .registry import DownloadError
+    from ..model.checkpoints import CheckpointError
+    from ..model.latents import LatentError
+    from ..model.registry import DownloadError
     return (CliError, CheckpointError, LatentError, DownloadError, DeviceError, ValueError, OSError)
 
 

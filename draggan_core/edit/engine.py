@@ -15,7 +15,7 @@ final `EndEvent`. `RunHandle.cancel()` stops it between steps.
 
 `LocalEngine` runs in this process and previews through the background `FrameRenderer`; the web UI
 uses it by default through `run_session`, on its live session (no copies). The Ray Serve engine in
-`serve_engine.py` speaks the same protocol across processes and machines. This module never imports
+`draggan_core/serving/ray_engine.py` speaks the same protocol across processes and machines. This module never imports
 ray.
 """
 from __future__ import annotations
@@ -32,8 +32,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .drag import DragConfig, DragSession, PointPair, StepResult
 from .frames import FrameRenderer
+from .session import DragSession
+from .settings import DragConfig, PointPair, StepResult
 
 STATE_VERSION = 1
 
@@ -275,7 +276,7 @@ def session_from_state(G, state: RunState) -> DragSession:
 def resolve_model_id(model: str) -> Path:
     """An engine's file for a model id: the path itself when it exists here, else that file name in
     this installation's checkpoints/ folder (so clusters need the same checkpoints, not the same paths)."""
-    from .paths import CHECKPOINTS_DIR
+    from ..model.paths import CHECKPOINTS_DIR
     p = Path(model).expanduser()
     if p.is_file():
         return p.resolve()
@@ -428,7 +429,7 @@ class LocalEngine(Engine):
 
     def _generator(self, model: str):
         if self.store is None:
-            from .models import ModelStore
+            from ..model.store import ModelStore
             self.store = ModelStore()
         try:
             return self.store.get(resolve_model_id(model)).G

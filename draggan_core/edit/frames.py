@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .networks import to_uint8_image
+from ..model.networks import to_uint8_image
 
 
 @dataclass(frozen=True)

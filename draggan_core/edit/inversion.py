@@ -1,6 +1,6 @@
 """GAN inversion: find the W+ latent whose image best matches a user's picture, so it can be dragged.
 
-    from draggan_core.inversion import invert, invert_iter, load_image
+    from draggan_core.edit.inversion import invert, invert_iter, load_image
 
     result = invert(G, "photo.png")                  # blocking; InversionResult
     result.w_plus                                    # [1, num_ws, w_dim] float32 -> DragSession(G, result.w_plus)
@@ -80,7 +80,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .networks import to_uint8_image
+from ..model.networks import to_uint8_image
 
 MAX_FILE_BYTES = 50 * 1024 ** 2     # compressed input
 MAX_PIXELS = 40_000_000             # decoded input (about 160 MB as RGBA)
@@ -348,7 +348,7 @@ def _landmark_trunk(device):
     key = str(device)
     if key not in _LANDMARK_CACHE:
         try:
-            from .landmark_net import LandmarkDetector
+            from ..model.landmark_net import LandmarkDetector
             det = LandmarkDetector.load(device=device)
             trunk = torch.nn.Sequential(det.net.stem, det.net.block4).eval().requires_grad_(False)
         except Exception:

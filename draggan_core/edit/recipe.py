@@ -49,7 +49,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .drag import DragConfig, DragSession, StepResult
+from .session import DragSession
+from .settings import DragConfig, StepResult
 
 Drag = tuple[float, float, float, float]
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .landmark_net import LandmarkDetector
+from ..model.landmark_net import LandmarkDetector
 
 SPREAD_MAX = 4.0               # px: a confident landmark has a peaked heatmap (renders: 2.4-3.1)
 

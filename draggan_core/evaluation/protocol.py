@@ -1,7 +1,7 @@
 """Quantitative drag evaluation: the DragGAN paper's face-landmark protocol (Pan et al. 2023, Sec. 4.2).
 
 For each of N seeded pairs (A, B) of latent seeds:
-  1. render G(A) and G(B) and detect their landmarks with our detector (landmark_net.py);
+  1. render G(A) and G(B) and detect their landmarks with our detector (model/landmark_net.py);
   2. choose the points: "1" = one random landmark visible in both; "5" = FIVE_POINTS (outer eye corners,
      nose tip, mouth corners); "all" = every landmark visible in both images;
   3. drag: handles = A's landmarks, targets = B's, with the model's default drag settings
@@ -38,9 +38,10 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from .drag import DragConfig, DragSession
-from .landmark_net import Detection, LandmarkDetector
-from .latents import seed_to_w
+from ..edit.session import DragSession
+from ..edit.settings import DragConfig
+from ..model.landmark_net import Detection, LandmarkDetector
+from ..model.latents import seed_to_w
 
 SPLITS = {"val": (0, 10_000), "test": (10_000, 20_000)}
 POINT_MODES = ("1", "5", "all")

@@ -1,10 +1,10 @@
 """The user-edit benchmark: the edits people make on a face, judged as a person judges them.
 
-The landmark protocol (evaluation.py) moves landmarks to another face's; people instead grab a
+The landmark protocol (protocol.py) moves landmarks to another face's; people instead grab a
 feature and move it a little: the mouth corners up for a smile, a brow up, the pupils aside. Each
 named edit below gives landmarks and their moves in pixels of a 128 px image (scaled with the
 model's resolution). For every edit and seed:
-  1. render the seed, detect its landmarks (landmark_net.py); the seed is used only when the face
+  1. render the seed, detect its landmarks (model/landmark_net.py); the seed is used only when the face
      passes the parts check and every grabbed landmark is confidently visible;
   2. click: handle = the detected landmark rounded to a pixel, target = handle + move (rounded);
   3. drag with the model's defaults through DragSession.run(), the loop the web UI and CLI run;
@@ -32,10 +32,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .drag import DragConfig, DragSession
-from .evaluation import SPLITS, VISIBLE_THRESHOLD
+from ..edit.session import DragSession
+from ..edit.settings import DragConfig
+from ..model.latents import seed_to_w
 from .face_checks import PARTS, part_checks
-from .latents import seed_to_w
+from .protocol import SPLITS, VISIBLE_THRESHOLD
 
 BASE_RES = 128         # the moves below are pixels of a 128 px image
 FAR_PX = 20.0          # at 128 px: landmarks this far from every handle and target should not move

@@ -1,6 +1,6 @@
 """Registry of known public StyleGAN2 checkpoints and a resumable, verifying downloader.
 
-`registry.json` (next to this file) lists each model's URL, resolution, size and sha256 where they
+`draggan_core/registry.json` (paths.PACKAGE_DIR) lists each model's URL, resolution, size and sha256 where they
 are known (null otherwise: a download is then checked only against the server's reported length).
 Downloads stream to `<dest>/<filename>.part`, resume with an HTTP Range request when a partial file
 exists, verify, and are renamed into place atomically, so a half-written file never looks complete.
@@ -21,8 +21,10 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
+from .paths import PACKAGE_DIR
+
 # DRAGGAN_REGISTRY: another registry file (a mirror, a private model list, tests on loopback)
-REGISTRY_PATH = Path(os.environ.get("DRAGGAN_REGISTRY") or Path(__file__).with_name("registry.json"))
+REGISTRY_PATH = Path(os.environ.get("DRAGGAN_REGISTRY") or PACKAGE_DIR / "registry.json")
 USER_AGENT = "draggan-core-downloader/1"
 CHUNK_BYTES = 1 << 20
 

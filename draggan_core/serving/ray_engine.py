@@ -5,7 +5,7 @@
     serve deploy serve_config.yaml           # on a running cluster; the app then finds it by name
 
 Each replica (`DragEngine`) holds one shared generator per model and serves any number of runs at
-once. A run is a `RunState` (engine.py) plus a step count: the replica rebuilds the session, streams
+once. A run is a `RunState` (draggan_core/edit/engine.py) plus a step count: the replica rebuilds the session, streams
 events back as a Serve streaming response, and forgets it when the run ends. Nothing about an edit
 lives in a replica between runs, so any replica can serve any run and a replica that dies loses only
 the step it was computing: the caller keeps the last state streamed to it.
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from ray import serve
 
-from .engine import (EndEvent, Engine, EngineError, FrameEvent, LocalEngine, RunHandle, RunState, StartEvent,
-                     StateEvent, StepEvent, latent_of)
-from .frames import render_batch
+from ..edit.engine import (EndEvent, Engine, EngineError, FrameEvent, LocalEngine, RunHandle, RunState, StartEvent,
+                           StateEvent, StepEvent, latent_of)
+from ..edit.frames import render_batch
 
 APP_NAME = "draggan"
 DEPLOYMENT_NAME = "DragEngine"
@@ -51,8 +51,8 @@ class DragEngine:
 
     def __init__(self, device: str = "auto", batch_frames: bool = True, threads: int = 1,
                  max_frame_batch: int = MAX_FRAME_BATCH):
-        from .devices import resolve_device
-        from .models import ModelStore
+        from ..model.devices import resolve_device
+        from ..model.store import ModelStore
         self.threads = max(1, int(threads))
         torch.set_num_threads(self.threads)
         self.device = resolve_device(device)
@@ -93,7 +93,7 @@ class DragEngine:
 
     # -- runs
     async def run(self, state: RunState, steps: int, display_every: int = 1):
-        """Stream the events of one run (engine.py). Cancelling the response stops it between steps."""
+        """Stream the events of one run (draggan_core/edit/engine.py). Cancelling the response stops it between steps."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         info = {"engine": "ray", "replica": self.replica, "pid": os.getpid(), "device": str(self.device)}
@@ -176,7 +176,7 @@ class DragEngine:
 
 
 def build_app(args: dict | None = None):
-    """Serve application builder (`serve deploy` / `serve run draggan_core.serve_engine:build_app`).
+    """Serve application builder (`serve deploy` / `serve run draggan_core.serving.ray_engine:build_app`).
 
     args: device (auto), batch_frames (true), threads (1), max_frame_batch (8)."""
     args = dict(args or {})

@@ -12,12 +12,12 @@ import sys
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from webui.launcher import main  # noqa: E402
-from webui.state import configure_device  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())
-else:  # imported by a Space runner, which calls demo.launch() itself
+else:  # imported by a Space runner, which calls demo.launch() itself: services, then the page
     from webui.app import build_demo  # noqa: E402
+    from webui.services import configure_device  # noqa: E402
 
     configure_device(None)
     demo = build_demo()

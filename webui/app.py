@@ -1,6 +1,6 @@
 """Gradio Blocks UI for the CPU DragGAN editor: the page's layout and its wiring.
 
-The handlers live in `webui.handlers` (a thin layer over `webui.state.EditorState`, which holds the
+The handlers live in `webui.handlers` (a thin layer over `webui.editor.state.EditorState`, which holds the
 `DragSession`). Every click handler has an API twin (``/add_point`` etc.) because ``.select`` events
 cannot be sent by gradio_client.
 """
@@ -16,14 +16,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import PIL.Image  # noqa: E402
 
-from draggan_core.registry import list_models  # noqa: E402
+from draggan_core.model.registry import list_models  # noqa: E402
 
 from . import services  # noqa: E402  (its ENGINE is set before the UI is built)
+from .editor.render import EDITOR_SIZE  # noqa: E402
+from .editor.state import EditorState  # noqa: E402
 from .handlers import App, brush  # noqa: E402
-from .render import EDITOR_SIZE  # noqa: E402
 from .services import (downloads_allowed_by_default, env_max_steps, first_line, load_examples,  # noqa: E402
                        model_choices, resolve_model_path)
-from .state import EditorState  # noqa: E402
 
 MAX_UPLOAD = "20mb"
 # Mask layers are decoded by gradio (PIL) before any handler runs; a tiny PNG can declare 9000x9000

@@ -1,4 +1,4 @@
-"""The web UI's event handlers: a thin layer over `webui.state.EditorState` (which wraps the
+"""The web UI's event handlers: a thin layer over `webui.editor.state.EditorState` (which wraps the
 `DragSession`). Every handler returns its outputs in the order `webui.app` wires them, turns
 `UIError`s into warning toasts and never lets a traceback reach the browser.
 
@@ -19,13 +19,13 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from draggan_core.models import CHECKPOINTS_DIR
-from draggan_core.registry import DownloadError, download
+from draggan_core.model.registry import DownloadError, download
+from draggan_core.model.store import CHECKPOINTS_DIR
 
 from . import services
-from .render import paint_css
+from .editor.render import paint_css
+from .editor.state import EditorState, editor_alpha
 from .services import UIError, first_line, local_model_paths, model_choices, parse_setting
-from .state import EditorState, editor_alpha
 
 NEW_STATE_S = 60   # how long App.ensure hands a new session's state to its other first events
 BRUSH_SIZE = 14    # editor pixels (the canvas is 256 px: 3.5 model px on a 64 px model, 7 on 128)

@@ -1,6 +1,16 @@
-"""`python app.py`: parse the options, then everything that can fail on bad input (device, model
-download and load, first image) before gradio is even imported, so mistakes cost a second and one
-line (exit 2), never a traceback after the server printed its URL."""
+"""`python app.py`: start-up, top to bottom.
+
+1. parse: the options, and whether the server can listen where they say (a second, not a start-up);
+2. services (`webui.services`, process-wide): the device every model goes on, the CPU threads;
+3. model: found, or downloaded from the registry, and loaded once into the shared store;
+4. first state: a new visitor's `EditorState` (`webui.editor`), its image rendered; then the Ray
+   engine when asked for (the last service: starting Ray takes a while, so it waits until the cheap
+   checks passed) and a throwaway drag to warm up;
+5. page: `webui.app.build_demo` (gradio is imported only now);
+6. serve: `webui.app.launch`, until the server stops; the engine is closed then.
+
+Everything that can fail on bad input happens before gradio is even imported, so mistakes cost a
+second and one line (exit 2), never a traceback after the server printed its URL."""
 from __future__ import annotations
 
 import argparse
@@ -9,12 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-from draggan_core.devices import DeviceError, add_device_argument, describe
-from draggan_core.registry import DownloadError, download, list_models
+from draggan_core.model.devices import DeviceError, add_device_argument, describe
+from draggan_core.model.registry import DownloadError, download, list_models
 
-from .state import THREADS, EditorState, UIError, configure_device, load_model, resolve_model_path
+from . import services
+from .editor.state import EditorState
+from .services import UIError
 
 
+# ---------------------------------------------------------------------------------------- 1. parse
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DragGAN web UI")
     p.add_argument("--model", default=None,
@@ -43,86 +56,6 @@ def parse_args(argv=None):
     if args.replicas < 1 or args.gpus_per_replica < 0:
         p.error("--replicas must be at least 1 and --gpus-per-replica at least 0")
     return args
-
-
-def start_ray_engine(args):
-    """The Ray Serve engine (ray is imported only here); stopped when the app exits, SIGTERM included."""
-    import signal
-    try:
-        from draggan_core.serve_engine import start_engine
-    except ImportError as e:
-        raise UIError(f"--engine ray needs Ray Serve: pip install -r requirements-serve.txt ({e})") from None
-    try:
-        engine = start_engine(address=args.ray_address, replicas=args.replicas,
-                              gpus_per_replica=args.gpus_per_replica,
-                              log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except Exception as e:
-        raise UIError(f"cannot start the Ray Serve engine: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM -> KeyboardInterrupt: gradio and Ray shut down
-    from .state import set_engine
-    set_engine(engine)
-    return engine
-
-
-def set_torch_threads():
-    """Threads of the main thread (start-up, page loads): the CPU share of one run. Drag runs and the
-    frame renderer set their own (`webui.state.THREADS`)."""
-    import torch
-    n = THREADS.share()
-    torch.set_num_threads(n)
-    return n
-
-
-def resolve_startup_model(requested: str | None) -> Path:
-    """A local file or checkpoints/ name as before; else a registry name, downloaded (progress bar on
-    the console, checksum verified) into checkpoints/ unless already there."""
-    requested = requested or os.environ.get("DRAGGAN_MODEL") or None
-    try:
-        return resolve_model_path(requested)
-    except UIError:
-        known = {e.name: e for e in list_models()}
-        if requested not in known:
-            raise UIError(f"model {requested}: no such checkpoint file, and not a known model name "
-                          "(see `python -m draggan_core models`)") from None
-    entry = known[requested]
-    target = entry.local_path(download_dir())
-    if not target.is_file():
-        print(f"downloading {entry.name} ({entry.url}) to {target.parent}/ ...", file=sys.stderr, flush=True)
-    try:
-        return download(entry, dest_dir=download_dir(), progress=True)
-    except DownloadError as e:
-        raise UIError(f"cannot download {entry.name}: {e}") from None
-
-
-def download_dir() -> Path:
-    """Where downloaded checkpoints go: $DRAGGAN_DOWNLOAD_DIR, else the checkpoints/ folder."""
-    return Path(os.environ.get("DRAGGAN_DOWNLOAD_DIR") or Path(__file__).resolve().parents[1] / "checkpoints")
-
-
-def prepare(args):
-    """Everything that can fail on bad input, before serving: device, model (loaded, first image
-    rendered), UI. Raises UIError / DeviceError with one-line messages."""
-    device = configure_device(args.device)
-    set_torch_threads()
-    t0 = time.perf_counter()
-    path = resolve_startup_model(args.model)
-    model = load_model(path)
-    st = EditorState.create(path)  # the first image, as the first visitor will see it
-    seconds = time.perf_counter() - t0
-    # after the cheap checks: starting Ray takes a while
-    engine = start_ray_engine(args) if getattr(args, "engine", "local") == "ray" else None
-    t1 = time.perf_counter()
-    st.warm_up()
-    from .app import build_demo  # gradio is imported only now
-    from .services import downloads_allowed_by_default
-    allow = getattr(args, "allow_downloads", None)
-    demo = build_demo(path, first_state=st, allow_downloads=downloads_allowed_by_default(
-        share=getattr(args, "share", False)) if allow is None else allow)
-    info = (f"model {model.name} ({model.G.img_resolution} px) on {describe(device)}, "
-            f"loaded and rendered in {seconds:.1f} s, first drag steps warmed up in {time.perf_counter() - t1:.1f} s")
-    if engine is not None:
-        info += f"; drags run on {engine.describe()}"
-    return demo, info
 
 
 def port_problem(host: str, port: int) -> str | None:
@@ -159,19 +92,97 @@ def port_in_use(host: str, port: int) -> str:
     return f"port {port} on {host} is in use; pick another with --port"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    problem = port_problem(args.host, args.port)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+# ------------------------------------------------------------------------------------- 2. services
+def start_services(args):
+    """The device every model of this process goes on, and the main thread's CPU threads."""
+    device = services.configure_device(args.device)
+    set_torch_threads()
+    return device
+
+
+def set_torch_threads():
+    """Threads of the main thread (start-up, page loads): the CPU share of one run. Drag runs and the
+    frame renderer set their own (`webui.services.THREADS`)."""
+    import torch
+    n = services.THREADS.share()
+    torch.set_num_threads(n)
+    return n
+
+
+def start_ray_engine(args):
+    """The Ray Serve engine (ray is imported only here); stopped when the app exits, SIGTERM included."""
+    import signal
     try:
-        demo, info = prepare(args)
-    except (UIError, DeviceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        from draggan_core.serving.ray_engine import start_engine
+    except ImportError as e:
+        raise UIError(f"--engine ray needs Ray Serve: pip install -r requirements-serve.txt ({e})") from None
+    try:
+        engine = start_engine(address=args.ray_address, replicas=args.replicas,
+                              gpus_per_replica=args.gpus_per_replica,
+                              log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except Exception as e:
+        raise UIError(f"cannot start the Ray Serve engine: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM -> KeyboardInterrupt: gradio and Ray shut down
+    services.set_engine(engine)
+    return engine
+
+
+# ---------------------------------------------------------------------------------------- 3. model
+def resolve_startup_model(requested: str | None) -> Path:
+    """A local file or checkpoints/ name as before; else a registry name, downloaded (progress bar on
+    the console, checksum verified) into checkpoints/ unless already there."""
+    requested = requested or os.environ.get("DRAGGAN_MODEL") or None
+    try:
+        return services.resolve_model_path(requested)
+    except UIError:
+        known = {e.name: e for e in list_models()}
+        if requested not in known:
+            raise UIError(f"model {requested}: no such checkpoint file, and not a known model name "
+                          "(see `python -m draggan_core models`)") from None
+    entry = known[requested]
+    target = entry.local_path(download_dir())
+    if not target.is_file():
+        print(f"downloading {entry.name} ({entry.url}) to {target.parent}/ ...", file=sys.stderr, flush=True)
+    try:
+        return download(entry, dest_dir=download_dir(), progress=True)
+    except DownloadError as e:
+        raise UIError(f"cannot download {entry.name}: {e}") from None
+
+
+def download_dir() -> Path:
+    """Where downloaded checkpoints go: $DRAGGAN_DOWNLOAD_DIR, else the checkpoints/ folder."""
+    return Path(os.environ.get("DRAGGAN_DOWNLOAD_DIR") or Path(__file__).resolve().parents[1] / "checkpoints")
+
+
+# ------------------------------------------------------------------ 4. first state, 5. page
+def prepare(args):
+    """Everything that can fail on bad input, before serving: services, model (loaded, first image
+    rendered), page. Raises UIError / DeviceError with one-line messages."""
+    device = start_services(args)
+    t0 = time.perf_counter()
+    path = resolve_startup_model(args.model)
+    model = services.load_model(path)
+    st = EditorState.create(path)  # the first image, as the first visitor will see it
+    seconds = time.perf_counter() - t0
+    # after the cheap checks: starting Ray takes a while
+    engine = start_ray_engine(args) if getattr(args, "engine", "local") == "ray" else None
+    t1 = time.perf_counter()
+    st.warm_up()
+    from .app import build_demo  # gradio is imported only now
+    allow = getattr(args, "allow_downloads", None)
+    demo = build_demo(path, first_state=st, allow_downloads=services.downloads_allowed_by_default(
+        share=getattr(args, "share", False)) if allow is None else allow)
+    info = (f"model {model.name} ({model.G.img_resolution} px) on {describe(device)}, "
+            f"loaded and rendered in {seconds:.1f} s, first drag steps warmed up in {time.perf_counter() - t1:.1f} s")
+    if engine is not None:
+        info += f"; drags run on {engine.describe()}"
+    return demo, info
+
+
+# ---------------------------------------------------------------------------------------- 6. serve
+def serve(demo, args, info: str) -> int:
+    """Serve the page until the server stops; a port taken while the model loaded is one line, exit 2."""
     from .app import launch
-    from . import state
     try:
         launch(demo, args.host, args.port, args.share, info)
     except OSError as e:
@@ -184,5 +195,19 @@ def main(argv=None):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     finally:
-        state.ENGINE.close()  # a Ray engine stops the Ray it started
+        services.ENGINE.close()  # a Ray engine stops the Ray it started
     return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    problem = port_problem(args.host, args.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        demo, info = prepare(args)
+    except (UIError, DeviceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return serve(demo, args, info)

@@ -1,7 +1,7 @@
 """Process-wide services of the web UI (no gradio here): the shared models, the CPU thread budget, the
 frame renderer and the drag engine, plus the checks every session uses.
 
-Per-user state lives in `webui.state.EditorState`; it refers to the models held here and never
+Per-user state lives in `webui.editor.state.EditorState`; it refers to the models held here and never
 copies a generator.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-from draggan_core.checkpoints import CheckpointError
-from draggan_core.devices import ThreadBudget
-from draggan_core.engine import LocalEngine
-from draggan_core.frames import FrameRenderer
-from draggan_core.models import ModelStore, default_model_path, list_local_models
+from draggan_core.edit.engine import LocalEngine
+from draggan_core.edit.frames import FrameRenderer
+from draggan_core.model.checkpoints import CheckpointError
+from draggan_core.model.devices import ThreadBudget
+from draggan_core.model.store import ModelStore, default_model_path, list_local_models
 
 STORE = ModelStore()          # the app sets its device before loading anything (`configure_device`)
 THREADS = ThreadBudget()      # CPU threads shared by the running drags and the frame renderer
@@ -30,14 +30,14 @@ class UIError(Exception):
 
 
 def set_engine(engine) -> None:
-    """Run every drag of this process on `engine` (a draggan_core.engine.Engine)."""
+    """Run every drag of this process on `engine` (a draggan_core.edit.engine.Engine)."""
     global ENGINE
     ENGINE = engine
 
 
 def configure_device(name: str | None = None):
     """Put every model of this process on `name` (auto/cpu/cuda/mps; DeviceError if unavailable)."""
-    from draggan_core.devices import resolve_device
+    from draggan_core.model.devices import resolve_device
     STORE.set_device(resolve_device(name))
     return STORE.device
 

@@ -1,5 +1,5 @@
 """Files out of the web UI (no gradio here): the image at a chosen scale, the latent, the GIF of the
-runs and the recipe that replays them. A mixin of `webui.state.EditorState`.
+runs and the recipe that replays them. A mixin of `webui.editor.state.EditorState`.
 
 `download_files` keeps one ready file of each kind for the download buttons: a browser download is
 one click, so the file must exist before the click. Files are rewritten only when what they show
@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from draggan_core.latents import save_latent
+from draggan_core.model.latents import save_latent
 
+from ..services import UIError
 from . import render
-from .services import UIError
 
 PNG_SCALES = (1, 2, 4, 8)
 MAX_GIF_FRAMES = 80           # a GIF samples the runs' frames down to this many

@@ -1,5 +1,5 @@
 """Running a drag for the web UI (no gradio here): run settings, the streamed run with its history
-step, Stop. A mixin of `webui.state.EditorState`."""
+step, Stop. A mixin of `webui.editor.state.EditorState`."""
 from __future__ import annotations
 
 import math
@@ -11,12 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from draggan_core.drag import DragConfig, DragSession
-from draggan_core.engine import EndEvent, FrameEvent, StartEvent, StepEvent
+from draggan_core.edit.engine import EndEvent, FrameEvent, StartEvent, StepEvent
+from draggan_core.edit.session import DragSession
+from draggan_core.edit.settings import DragConfig
 
-from . import render, services
+from .. import services
+from ..services import UIError, env_max_steps, parse_setting
+from . import render
 from .history import MAX_RUN_FRAMES, SNAPSHOT_BUDGET, HistoryStep, drop_old_snapshots, snapshot, thin, trim_frames
-from .services import UIError, env_max_steps, parse_setting
 
 FRAME_INTERVAL = 0.1          # at most 10 streamed frames per second
 STATUS_INTERVAL = 0.5         # without a new frame, the status still updates this often

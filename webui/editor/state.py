@@ -6,8 +6,8 @@ holds only small things: latents, point pairs, the mask, the run history and its
 the process-wide `webui.services.STORE` and is never copied.
 
 Every user-facing failure raises `UIError` (a one-line message); the gradio layer turns it into a
-warning toast and leaves the state as it was. Running (`webui.running`) and files out
-(`webui.exports`) are mixins of the same class.
+warning toast and leaves the state as it was. Running (`webui.editor.running`) and files out
+(`webui.editor.exports`) are mixins of the same class.
 """
 from __future__ import annotations
 
@@ -23,27 +23,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from draggan_core.drag import DragConfig, DragError, DragSession
-from draggan_core.latents import MAX_SEED, LatentError, load_latent, seed_to_w
-from draggan_core.recipe import EditRecorder
+from draggan_core.edit.recipe import EditRecorder
+from draggan_core.edit.session import DragSession
+from draggan_core.edit.settings import DragConfig, DragError
+from draggan_core.model.latents import MAX_SEED, LatentError, load_latent, seed_to_w
 
-from . import render, services
+from ..services import UIError, load_model
+from . import render
 from .exports import ExportMixin
-from .history import HistoryStep, Marks, snapshot
-from .render import EDITOR_SIZE, GIF_SIZE, fmt_point, upscale_factor
-from .running import FRAME_INTERVAL, JPEG_FROM_RESOLUTION, STATUS_INTERVAL, RunMixin, RunUpdate, UpdateSlot as _UpdateSlot  # noqa: F401
-from .services import (RENDERER, STORE, THREADS, UIError, configure_device, env_max_steps,  # noqa: F401
-                       load_model, model_choices, parse_setting, resolve_model_path, set_engine)
+from .history import Marks, snapshot
+from .render import EDITOR_SIZE, fmt_point, upscale_factor
+from .running import RunMixin
 
 MAX_POINT_PAIRS = 32
 INITIAL_LATENT = "initial_latent.npy"  # a recipe's start when it is not a seed (saved next to it)
-_trajectory_frame = render.trajectory_frame
-
-
-def __getattr__(name):  # the engine can be replaced (set_engine): always the current one
-    if name == "ENGINE":
-        return services.ENGINE
-    raise AttributeError(name)
 
 
 @dataclass
@@ -321,7 +314,7 @@ class EditorState(RunMixin, ExportMixin):
         Yields (status, preview HxWx3 uint8 or None); at the end the edit starts from the found latent.
         Uses the shared generator unchanged (no per-session tuning); Stop cancels between steps.
         """
-        from draggan_core.inversion import InversionError, invert_iter
+        from draggan_core.edit.inversion import InversionError, invert_iter
         self._check_idle()
         if path is None:
             raise UIError("no image uploaded")
@@ -576,7 +569,4 @@ def editor_alpha(value) -> np.ndarray | None:
     raise UIError(f"mask image has an unexpected shape {arr.shape}")
 
 
-__all__ = ["EditorState", "HistoryStep", "Marks", "RunUpdate", "UIError", "STORE", "RENDERER", "THREADS",
-           "ENGINE", "set_engine", "configure_device", "editor_alpha", "model_choices", "resolve_model_path",
-           "env_max_steps", "upscale_factor", "parse_setting", "GIF_SIZE", "FRAME_INTERVAL",
-           "STATUS_INTERVAL"]
+__all__ = ["EditorState", "MAX_POINT_PAIRS", "editor_alpha"]

@@ -274,7 +274,7 @@ def pct(values, q):
 def reference_edit(model_path: str, plan: dict, steps: int, stop_distance="") -> dict:
     """The same edit alone, in this process: EditorState settings, DragSession.run, same steps."""
     import torch
-    from webui.state import EditorState
+    from webui.editor.state import EditorState
     threads = torch.get_num_threads()
     torch.set_num_threads(int(os.environ.get("DRAGGAN_TORCH_THREADS", "1") or 1))  # like the server
     st = EditorState.create(model_path, seed=plan["seed"], psi=plan["psi"])
@@ -292,7 +292,7 @@ def reference_edit(model_path: str, plan: dict, steps: int, stop_distance="") ->
 
 def _model_file(name: str) -> Path | None:
     try:
-        from webui.state import resolve_model_path
+        from webui.services import resolve_model_path
         return resolve_model_path(name)
     except Exception:
         return None
@@ -364,7 +364,7 @@ def concurrent_phase(url: str, sessions: int, steps: int, timeout: float, verify
     checks = []
     ref_seconds = []
     if verify and done:
-        from webui.state import resolve_model_path
+        from webui.services import resolve_model_path
         model_path = str(resolve_model_path(model_name))
         for i, r in enumerate(results):
             if r is None:
@@ -696,7 +696,7 @@ def fault_phase(url: str, ray_address: str, steps: int = 200, timeout: float = 3
             if r is None or "error" in r:
                 out["errors"].append(f"session {i}: {r}")
         checks, model_path = [], None
-        from webui.state import resolve_model_path
+        from webui.services import resolve_model_path
         model_path = str(resolve_model_path(debug(clients[0])["model"]))
         for i, (c, plan, r) in enumerate(zip(clients, FAULT_PLANS, runs)):
             if r is None or "error" in r:
@@ -751,12 +751,13 @@ def batching_phase(sessions: int = 8, steps: int = 30, replicas: int = 2, rounds
                    model: str | None = None) -> dict:
     """8 runs at once on the engine deployment, frames batched vs one by one, alternating (A B B A)."""
     import torch
-    from draggan_core.drag import DragConfig, DragSession
-    from draggan_core.engine import EndEvent, FrameEvent, StepEvent, export_run_state
-    from draggan_core.latents import seed_to_w
-    from draggan_core.models import ModelStore
-    from draggan_core.serve_engine import deploy, start_engine
-    from webui.state import resolve_model_path
+    from draggan_core.edit.settings import DragConfig
+    from draggan_core.edit.session import DragSession
+    from draggan_core.edit.engine import EndEvent, FrameEvent, StepEvent, export_run_state
+    from draggan_core.model.latents import seed_to_w
+    from draggan_core.model.store import ModelStore
+    from draggan_core.serving.ray_engine import deploy, start_engine
+    from webui.services import resolve_model_path
 
     torch.set_num_threads(1)
     path = resolve_model_path(model)

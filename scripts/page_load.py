@@ -20,8 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from draggan_core.cli_bench import _cpu_name  # noqa: E402
-from draggan_core.models import default_model_path  # noqa: E402
+from draggan_core.cli.bench import _cpu_name  # noqa: E402
+from draggan_core.model.store import default_model_path  # noqa: E402
 from scripts.load_test import Server  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/lib/chromium/chromium")

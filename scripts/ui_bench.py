@@ -32,13 +32,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from draggan_core.cli_bench import _cpu_name as cpu_name  # noqa: E402
+from draggan_core.cli.bench import _cpu_name as cpu_name  # noqa: E402
 from load_test import STEP_RE, free_port, rss_mb  # noqa: E402  (scripts/ is this script's folder)
 
 
 
 def ffhq_config(res: int):
-    from draggan_core.networks import GeneratorConfig
+    from draggan_core.model.networks import GeneratorConfig
     # stylegan2-ada-pytorch "paper512/1024" shapes: cbase 32768, cmax 512, 8 mapping layers
     return GeneratorConfig(z_dim=512, w_dim=512, img_resolution=res, mapping_layers=8, channel_base=32768,
                            channel_max=512, conv_clamp=256)
@@ -48,12 +48,12 @@ def model_for(args, tmpdir: Path) -> tuple[Path, str]:
     if args.model:
         return Path(args.model).resolve(), str(args.model)
     if args.config == "embedded":
-        from draggan_core.models import default_model_path
+        from draggan_core.model.store import default_model_path
         return default_model_path(), "embedded default model"
     import torch
 
-    from draggan_core.checkpoints import save_native
-    from draggan_core.networks import Generator
+    from draggan_core.model.checkpoints import save_native
+    from draggan_core.model.networks import Generator
     res = {"ffhq512": 512, "ffhq1024": 1024}[args.config]
     torch.manual_seed(0)
     G = Generator(ffhq_config(res))
@@ -66,10 +66,11 @@ def official_step_seconds(path: Path, device: str, steps: int, threads: int) -> 
     """Median official-style step time on these weights (cli_bench's baseline), in this process."""
     import torch
 
-    from draggan_core.checkpoints import load_generator
-    from draggan_core.cli_bench import _OfficialStyleStep
-    from draggan_core.drag import DragConfig, DragSession
-    from draggan_core.latents import seed_to_w
+    from draggan_core.model.checkpoints import load_generator
+    from draggan_core.cli.bench import _OfficialStyleStep
+    from draggan_core.edit.settings import DragConfig
+    from draggan_core.edit.session import DragSession
+    from draggan_core.model.latents import seed_to_w
     torch.set_num_threads(threads)
     G = load_generator(path, device=device)
     res = G.img_resolution
@@ -194,12 +195,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from draggan_core.devices import describe, resolve_device
+    from draggan_core.model.devices import describe, resolve_device
     device = resolve_device(args.device)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     with tempfile.TemporaryDirectory(prefix="draggan-ui-bench-") as tmp:
         path, desc = model_for(args, Path(tmp))
-        from draggan_core.checkpoints import load_generator
+        from draggan_core.model.checkpoints import load_generator
         res = load_generator(path).img_resolution
         log(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; device {describe(device)}")
         log(f"model: {desc} ({res} px)")

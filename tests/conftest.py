@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from draggan_core.models import PARTS_64_MODEL_NAME, default_model_path
-from draggan_core.paths import CHECKPOINTS_DIR
+from draggan_core.model.paths import CHECKPOINTS_DIR
+from draggan_core.model.store import PARTS_64_MODEL_NAME, default_model_path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 

@@ -225,7 +225,7 @@ OFFICIAL_GLOBALS = {
 def read_snapshot(data: bytes, globals_seen: set | None = None):
     """Decode an official snapshot into _Record / tensor / plain objects without running any of it;
     the (module, name) of every global it names is added to `globals_seen`."""
-    from draggan_core import checkpoints as ck
+    from draggan_core.model import checkpoints as ck
     allowed = {
         ("torch_utils.persistence", "_reconstruct_persistent_obj"): _Record,
         ("collections", "OrderedDict"): collections.OrderedDict,

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from draggan_core.models import PARTS_64_MODEL_NAME
-from draggan_core.paths import CHECKPOINTS_DIR
+from draggan_core.model.paths import CHECKPOINTS_DIR
+from draggan_core.model.store import PARTS_64_MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 

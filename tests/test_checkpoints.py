@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from draggan_core import cli
-from draggan_core.checkpoints import CheckpointError, detect_format, load_generator, save_native
-from draggan_core.latents import seed_to_w
-from draggan_core.networks import Generator, GeneratorConfig
+from draggan_core.cli import program as cli
+from draggan_core.model.checkpoints import CheckpointError, detect_format, load_generator, save_native
+from draggan_core.model.latents import seed_to_w
+from draggan_core.model.networks import Generator, GeneratorConfig
 
 import official_pickle
 from official_pickle import tiny64_pickle
@@ -256,12 +256,12 @@ def test_shipped_embedded_models_load_and_carry_their_metadata():
     defaults, and renders finite faces at its resolution; the model list puts the default first, and
     the web UI labels it."""
     import json
-    from draggan_core.checkpoints import read_native_metadata
-    from draggan_core.models import DEFAULT_MODEL_NAME, drag_defaults_of, list_local_models
+    from draggan_core.model.checkpoints import read_native_metadata
+    from draggan_core.model.store import DEFAULT_MODEL_NAME, drag_defaults_of, list_local_models
     repo_checkpoints = Path(__file__).resolve().parents[1] / "checkpoints"
     models = list_local_models(repo_checkpoints)
     assert models[0].name == DEFAULT_MODEL_NAME
-    from webui.state import model_choices
+    from webui.services import model_choices
     labels = [label for label, _ in model_choices()]
     assert labels[0] == DEFAULT_MODEL_NAME + " (default)" and sum("(default)" in lb for lb in labels) == 1
     assert "landmarks64.safetensors" not in [p.name for p in models]  # the detector is not a generator

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from draggan_core import cli
-from draggan_core.models import DEFAULT_MODEL_NAME
+from draggan_core.cli import program as cli
+from draggan_core.model.store import DEFAULT_MODEL_NAME
 from official_pickle import FIXTURES, tiny64_pickle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,8 +179,8 @@ def test_subprocess_render_and_error(tmp_path):
 
 
 def test_latent_save_load_api(tmp_path):
-    from draggan_core.latents import load_latent, save_latent
-    from draggan_core.networks import Generator, GeneratorConfig
+    from draggan_core.model.latents import load_latent, save_latent
+    from draggan_core.model.networks import Generator, GeneratorConfig
     G = Generator(GeneratorConfig(z_dim=8, w_dim=8, img_resolution=8, channel_base=64, channel_max=16,
                                   mapping_layers=2))
     w = torch.randn(1, G.num_ws, 8, dtype=torch.float64)

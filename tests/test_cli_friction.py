@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
-from draggan_core import checkpoints, cli, cli_drag, paths
-from draggan_core.models import DEFAULT_MODEL_NAME, default_model_path, drag_defaults_of
-from draggan_core.registry import ModelEntry
+from draggan_core.cli import program as cli, drag as cli_drag
+from draggan_core.model import checkpoints, paths
+from draggan_core.model.registry import ModelEntry
+from draggan_core.model.store import DEFAULT_MODEL_NAME, default_model_path, drag_defaults_of
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = default_model_path()
@@ -281,7 +282,7 @@ def test_bench_shows_progress_on_stderr_and_keeps_json_clean(capsys):
 
 
 def cli_drag_phase_labels():
-    from draggan_core.cli_bench import PHASE_LABELS
+    from draggan_core.cli.bench import PHASE_LABELS
     return PHASE_LABELS.values()
 
 
@@ -331,7 +332,7 @@ def test_models_lists_sizes_or_no_size_column(capsys, monkeypatch):
     assert header[:2] == ["name", "res"] and "size" not in header  # the registry verifies no size yet
     assert all(" ? " not in line for line in out.splitlines())
 
-    from draggan_core import registry
+    from draggan_core.model import registry
     entries = [ModelEntry(name="known", url="https://example.org/known.pkl", filename="known.pkl", resolution=256,
                           size_bytes=363_000_000, licence="L"),
                ModelEntry(name="unknown", url="https://example.org/u.pkl", filename="u.pkl", resolution=512,

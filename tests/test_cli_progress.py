@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from draggan_core import cli
+from draggan_core.cli import program as cli
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False",

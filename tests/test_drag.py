@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from draggan_core.checkpoints import load_generator
-from draggan_core.drag import DragConfig, DragError, DragSession, _FeatureWindow, disc_offsets
-from draggan_core.windowed import features_in_window
+from draggan_core.edit.session import DragSession
+from draggan_core.edit.settings import DragConfig, DragError
+from draggan_core.edit.steps import FeatureWindow, disc_offsets
+from draggan_core.model.checkpoints import load_generator
+from draggan_core.model.windowed import features_in_window
 from official_pickle import FIXTURES, tiny64_pickle
 
 
@@ -53,7 +55,7 @@ def test_native_grid_sampling_equals_upsample_then_index(G, w0):
         up = F.interpolate(feat, size=(64, 64), mode="bilinear", align_corners=False)
         ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
         xy = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)
-        sampled = _FeatureWindow(feat, (0, fr, 0, fr), 64, fr).sample(xy)
+        sampled = FeatureWindow(feat, (0, fr, 0, fr), 64, fr).sample(xy)
         expected = up[0].reshape(feat.shape[1], -1).t()
         assert (sampled - expected).abs().max() < 1e-5, fr
 

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from draggan_core.drag import DragConfig, DragSession
-from draggan_core.engine import (EndEvent, Engine, EngineError, FrameEvent, LocalEngine, RunHandle, RunState,
-                                 StartEvent, StateEvent, StepEvent, export_run_state, latent_of, session_from_state)
-from draggan_core.frames import FrameRenderer
-from draggan_core.latents import seed_to_w
-from draggan_core.models import ModelStore, default_model_path
+from draggan_core.edit.engine import (EndEvent, Engine, EngineError, FrameEvent, LocalEngine, RunHandle, RunState,
+                                      StartEvent, StateEvent, StepEvent, export_run_state, latent_of,
+                                      session_from_state)
+from draggan_core.edit.frames import FrameRenderer
+from draggan_core.edit.session import DragSession
+from draggan_core.edit.settings import DragConfig
+from draggan_core.model.latents import seed_to_w
+from draggan_core.model.store import ModelStore, default_model_path
 
 STEPS = 10
 
@@ -146,7 +148,7 @@ def test_local_engine_streams_states_steps_frames_and_the_end(model):
     for _ in whole.run(max_steps=30):
         pass
     followed = session_from_state(model.G, events[0].state)
-    from draggan_core.engine import apply_run_state
+    from draggan_core.edit.engine import apply_run_state
     apply_run_state(followed, events[0].state.with_progress(progress[-1]))
     _same_edit(whole, followed)
 
@@ -245,7 +247,7 @@ def test_the_default_app_does_not_import_ray():
     """`python app.py` (in-process engine) stays free of Ray: the engine protocol, the UI, the launcher."""
     import subprocess
     import sys
-    code = ("import sys, draggan_core.engine, webui.launcher, webui.app; "
+    code = ("import sys, draggan_core.edit.engine, webui.launcher, webui.app; "
             "webui.launcher.parse_args([]); print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -254,23 +256,24 @@ def test_the_default_app_does_not_import_ray():
 def test_the_editor_says_in_one_line_when_its_engine_is_lost_and_resumes(model):
     """EditorState.run_stream on an engine that disappears after 4 steps: one-line warning, the edit
     kept at step 4, and the next Start (on a working engine) ends on the uninterrupted edit."""
-    from webui import state as ws
-    st = ws.EditorState.create(default_model_path(), seed=5)
+    from webui import services
+    from webui.editor.state import EditorState
+    st = EditorState.create(default_model_path(), seed=5)
     st.add_pair(20, 40, 27, 44)
     st.configure(max_steps=STEPS, stop_distance=0.1)
-    previous = ws.ENGINE
+    previous = services.ENGINE
     try:
-        ws.set_engine(_CopyingEngine(fail_after=4, store=ModelStore()))
+        services.set_engine(_CopyingEngine(fail_after=4, store=ModelStore()))
         updates = list(st.run_stream(STEPS))
         last = updates[-1]
         assert last.final and last.warning and "\n" not in last.status and "lost at step 4" in last.status
         assert st.session.step_count == 4 and not st.running
-        ws.set_engine(_CopyingEngine(store=ModelStore()))
+        services.set_engine(_CopyingEngine(store=ModelStore()))
         updates = list(st.run_stream(STEPS - 4))
         assert updates[-1].final and not updates[-1].warning
     finally:
-        ws.set_engine(previous)
-    alone = ws.EditorState.create(default_model_path(), seed=5)  # the same edit in one go, in-process
+        services.set_engine(previous)
+    alone = EditorState.create(default_model_path(), seed=5)  # the same edit in one go, in-process
     alone.add_pair(20, 40, 27, 44)
     alone.configure(max_steps=STEPS, stop_distance=0.1)
     list(alone.run_stream(STEPS))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from draggan_core import evaluation as ev
-from draggan_core.landmark_net import Detection, LandmarkDetector, LandmarkNet
+from draggan_core.evaluation import protocol as ev
+from draggan_core.model.landmark_net import Detection, LandmarkDetector, LandmarkNet
 from official_pickle import tiny64_pickle
 
 torch.set_num_threads(1)
@@ -21,7 +21,7 @@ FIXTURE = tiny64_pickle()  # random-weights generator in an official-format snap
 
 @pytest.fixture(scope="module")
 def G():
-    from draggan_core.checkpoints import load_generator
+    from draggan_core.model.checkpoints import load_generator
     return load_generator(FIXTURE)
 
 
@@ -78,8 +78,8 @@ def test_choose_points_modes():
 
 
 def test_protocol_mechanics_with_known_landmarks(G):
-    from draggan_core.latents import seed_to_w
-    from draggan_core.networks import to_uint8_image
+    from draggan_core.model.latents import seed_to_w
+    from draggan_core.model.networks import to_uint8_image
     det = StubDetector()
     cfg = ev.EvalConfig(pairs=2, points="5", steps=2, seed=3, split="val")
     r = ev.evaluate(G, det, cfg)
@@ -108,7 +108,7 @@ def test_mask_mode_reports_outside_change(G):
 
 
 def test_cli_json_last_line(capsys):
-    from draggan_core.cli import main
+    from draggan_core.cli.program import main
     rc = main(["eval", "--model", str(FIXTURE), "--pairs", "2", "--steps", "2", "--points", "1",
                "--split", "val", "--json", "--threads", "1"])
     assert rc == 0
@@ -118,7 +118,7 @@ def test_cli_json_last_line(capsys):
 
 
 def test_cli_rejects_bad_pairs(capsys):
-    from draggan_core.cli import main
+    from draggan_core.cli.program import main
     assert main(["eval", "--model", str(FIXTURE), "--pairs", "0"]) == 2
     assert "pairs" in capsys.readouterr().err
 
@@ -142,7 +142,7 @@ def test_detector_error_on_renders():
 def test_part_checks_fail_on_blank_and_blurry_faces():
     from training import faces
     from training.landmarks import gaussian_blur
-    from draggan_core.face_checks import part_checks
+    from draggan_core.evaluation.face_checks import part_checks
     det = LandmarkDetector.load()
     imgs = torch.from_numpy(faces.render(faces.sample_z(12, 987_654_321)).images)
     ok = part_checks(imgs, det)["all_parts"]
@@ -158,7 +158,7 @@ def test_mouth_check_sees_open_mouths():
     still find them (it missed 2 of these 16 before the teeth test), and blurring removes the teeth."""
     from training import faces
     from training.landmarks import gaussian_blur
-    from draggan_core.face_checks import TEETH_RATIO, part_checks, part_scores
+    from draggan_core.evaluation.face_checks import TEETH_RATIO, part_checks, part_scores
     det = LandmarkDetector.load()
     z = faces.sample_z(16, 424242)
     z[:, faces.PARAM_NAMES.index("mouth_open")] = 2.5
@@ -170,8 +170,8 @@ def test_mouth_check_sees_open_mouths():
 
 @pytest.mark.slow
 def test_protocol_on_embedded_model():
-    from draggan_core.checkpoints import load_generator
-    from draggan_core.models import default_model_path, drag_defaults_of
+    from draggan_core.model.checkpoints import load_generator
+    from draggan_core.model.store import default_model_path, drag_defaults_of
     path = default_model_path()
     r = ev.evaluate(load_generator(path), LandmarkDetector.load(), ev.EvalConfig(pairs=3, points="5", steps=60),
                     model_defaults=drag_defaults_of(path))
@@ -181,7 +181,7 @@ def test_protocol_on_embedded_model():
 
 def test_detector_landmark_names_match_the_renderer():
     """landmark_net keeps its own copy (the app must not import training/): it must not drift."""
-    from draggan_core.landmark_net import LANDMARK_NAMES
+    from draggan_core.model.landmark_net import LANDMARK_NAMES
     from training import faces
     assert LANDMARK_NAMES == faces.LANDMARK_NAMES
 
@@ -226,7 +226,7 @@ def test_shift_averaging_lowers_the_error_on_held_out_renders():
     assert errors[True] < 0.9 * errors[False], errors  # 0.220 -> 0.170 px on 500 renders
     # a shifted copy must be detected with its points shifted back: a one-pixel move of the content
     # moves the detections by one pixel
-    from draggan_core.landmark_net import _shift_image
+    from draggan_core.model.landmark_net import _shift_image
     det = LandmarkDetector.load(shift=False)
     moved = det(_shift_image(images[:8], 1, -1)).points - det(images[:8]).points
     inner = (truth[:8] > 4).all(-1) & (truth[:8] < 59).all(-1) & visible[:8]
@@ -234,8 +234,8 @@ def test_shift_averaging_lowers_the_error_on_held_out_renders():
 
 
 def test_model_metrics_quick_run_reports_every_metric():
-    from draggan_core.checkpoints import load_generator
-    from draggan_core.models import default_model_path
+    from draggan_core.model.checkpoints import load_generator
+    from draggan_core.model.store import default_model_path
     from training.model_metrics import compute_metrics
     m = compute_metrics(load_generator(default_model_path()), LandmarkDetector.load(), n=12, drag_edits=0, log=lambda *a: None)
     assert np.isfinite(m["psnr_db"]) and m["psnr_db"] > 15

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from draggan_core.devices import DeviceError, ThreadBudget, measure_fused_modconv, resolve_device
-from draggan_core.drag import DragConfig, DragSession
-from draggan_core.frames import FrameRenderer, render_batch
-from draggan_core.latents import seed_to_w
-from draggan_core.models import ModelStore, default_model_path
-from draggan_core.networks import Generator, GeneratorConfig
+from draggan_core.edit.frames import FrameRenderer, render_batch
+from draggan_core.edit.session import DragSession
+from draggan_core.edit.settings import DragConfig
+from draggan_core.model.devices import DeviceError, ThreadBudget, measure_fused_modconv, resolve_device
+from draggan_core.model.latents import seed_to_w
+from draggan_core.model.networks import Generator, GeneratorConfig
+from draggan_core.model.store import ModelStore, default_model_path
 
 
 
@@ -144,7 +145,7 @@ def test_closed_stream_drops_its_pending_latent(model):
 # ------------------------------------------------------------------ the editor's run loop
 @pytest.fixture()
 def editor():
-    from webui.state import EditorState
+    from webui.editor.state import EditorState
     from conftest import ui_model_path
     st = EditorState.create(ui_model_path(), seed=3)  # the pair and the brush strokes below are 64 px pixels
     st.add_pair(20, 40, 27, 44)
@@ -191,11 +192,12 @@ def test_closing_the_stream_like_gradio_cancel_keeps_a_usable_state(editor):
 
 
 def test_large_models_stream_jpeg_small_ones_png():
-    from webui.state import EditorState, STORE
+    from webui.editor.state import EditorState
+    from webui.services import STORE
     torch.manual_seed(0)
     G = Generator(GeneratorConfig(z_dim=32, w_dim=32, img_resolution=256, mapping_layers=2, channel_base=512,
                                   channel_max=32))
-    from draggan_core.checkpoints import save_native
+    from draggan_core.model.checkpoints import save_native
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "g256.safetensors"
@@ -245,11 +247,11 @@ def test_fused_modconv_measurement_runs(model):
 
 
 def test_trajectory_frames_of_large_models_are_kept_small():
-    from webui.state import GIF_SIZE, _trajectory_frame
+    from webui.editor.render import GIF_SIZE, trajectory_frame
     big = np.random.RandomState(0).randint(0, 255, (1024, 1024, 3), dtype=np.uint8)
-    assert _trajectory_frame(big).shape == (GIF_SIZE, GIF_SIZE, 3)
+    assert trajectory_frame(big).shape == (GIF_SIZE, GIF_SIZE, 3)
     small = big[:64, :64]
-    assert _trajectory_frame(small) is small
+    assert trajectory_frame(small) is small
 
 
 def test_the_mask_canvas_follows_the_image_when_a_run_ends(editor):

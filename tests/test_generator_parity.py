@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from draggan_core.checkpoints import load_generator
-from draggan_core.latents import load_latent, seed_to_w, seed_to_z
-from draggan_core.networks import to_uint8_image
+from draggan_core.model.checkpoints import load_generator
+from draggan_core.model.latents import load_latent, seed_to_w, seed_to_z
+from draggan_core.model.networks import to_uint8_image
 from official_pickle import FIXTURES, tiny64_pickle
 
 SEED0 = FIXTURES / "tiny64_seed0.npz"
@@ -69,7 +69,7 @@ def test_seed0_z_and_w_match_official(G, ref):
 
 
 def test_seed_validation():
-    from draggan_core.latents import LatentError
+    from draggan_core.model.latents import LatentError
     for bad in (-1, 2 ** 32, 1.5, "3", True):
         with pytest.raises(LatentError):
             seed_to_z(bad, 8)

@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
-from draggan_core.checkpoints import load_generator, read_native_metadata
-from draggan_core.models import PARTS_64_MODEL_NAME
-from draggan_core.paths import CHECKPOINTS_DIR
-from draggan_core.ops import upsample2d
+from draggan_core.model.checkpoints import load_generator, read_native_metadata
+from draggan_core.model.ops import upsample2d
+from draggan_core.model.paths import CHECKPOINTS_DIR
+from draggan_core.model.store import PARTS_64_MODEL_NAME
 from training import faces, train_embedded
 
 BASE_64 = CHECKPOINTS_DIR / PARTS_64_MODEL_NAME  # the model the 128 px one grew from
@@ -130,7 +130,7 @@ def test_model_metrics_at_128px_use_the_protocol_scaled(small):
     """The model-card metrics of a 128 px model: PSNR against 128 px renders, pixel radii doubled,
     and a smaller baseline compared through its up-sampled image (so the grown model at its start
     scores exactly what the 64 px model up-sampled does)."""
-    from draggan_core.landmark_net import LandmarkDetector
+    from draggan_core.model.landmark_net import LandmarkDetector
     from training import model_metrics
     torch.manual_seed(0)
     grown = train_embedded.grow_generator(small).eval().requires_grad_(False)

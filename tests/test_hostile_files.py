@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from draggan_core import cli
-from draggan_core.checkpoints import CheckpointError, load_generator, save_native
-from draggan_core.latents import MAX_LATENT_BYTES, LatentError, load_latent
-from draggan_core.networks import Generator, GeneratorConfig
+from draggan_core.cli import program as cli
+from draggan_core.model.checkpoints import CheckpointError, load_generator, save_native
+from draggan_core.model.latents import MAX_LATENT_BYTES, LatentError, load_latent
+from draggan_core.model.networks import Generator, GeneratorConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hostile  # noqa: E402
@@ -186,7 +186,7 @@ def test_safetensors_huge_declared_tensor(tmp_path, small_G):
 
 
 def test_checkpoint_over_size_limit(tmp_path, monkeypatch):
-    from draggan_core import checkpoints
+    from draggan_core.model import checkpoints
     path = tmp_path / "big.pkl"
     with open(path, "wb") as f:
         f.write(b"\x80\x04")

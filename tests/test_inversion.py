@@ -1,4 +1,4 @@
-"""GAN inversion (draggan_core/inversion.py) and `python -m draggan_core invert`: fast, deterministic."""
+"""GAN inversion (draggan_core/edit/inversion.py) and `python -m draggan_core invert`: fast, deterministic."""
 from __future__ import annotations
 
 import io
@@ -10,9 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from draggan_core.inversion import (InversionError, invert, invert_iter, load_image,
-                                    prepare_target, psnr_uint8)
-from draggan_core.networks import Generator, GeneratorConfig, to_uint8_image
+from draggan_core.edit.inversion import InversionError, invert, invert_iter, load_image, prepare_target, psnr_uint8
+from draggan_core.model.networks import Generator, GeneratorConfig, to_uint8_image
 
 torch.set_num_threads(1)
 
@@ -211,9 +210,9 @@ def test_pti_uses_a_private_copy(G, known):
 
 # ------------------------------------------------------------------------------------------ CLI
 def test_cli_round_trip(G, known, tmp_path, capsys):
-    from draggan_core.checkpoints import save_native
-    from draggan_core.cli import main
-    from draggan_core.latents import load_latent
+    from draggan_core.model.checkpoints import save_native
+    from draggan_core.cli.program import main
+    from draggan_core.model.latents import load_latent
 
     model = tmp_path / "tiny.safetensors"
     save_native(G, model)

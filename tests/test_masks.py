@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from draggan_core.checkpoints import load_generator, read_native_metadata
-from draggan_core.drag import DragConfig, DragSession, paste_fixed_region
-from draggan_core.evaluation import flexible_mask
-from draggan_core.latents import seed_to_w
-from draggan_core.models import CHECKPOINTS_DIR, drag_defaults_of
-from draggan_core.networks import Generator, GeneratorConfig
+from draggan_core.edit.session import DragSession, paste_fixed_region
+from draggan_core.edit.settings import DragConfig
+from draggan_core.evaluation.protocol import flexible_mask
+from draggan_core.model.checkpoints import load_generator, read_native_metadata
+from draggan_core.model.latents import seed_to_w
+from draggan_core.model.networks import Generator, GeneratorConfig
+from draggan_core.model.store import CHECKPOINTS_DIR, drag_defaults_of
 
 from conftest import ui_model_path
 
@@ -113,7 +114,7 @@ def test_shipped_models_carry_mask_settings(name):
 
 
 def test_fixed_mode_brushing_inverts_the_region():
-    from webui.state import EditorState, editor_alpha
+    from webui.editor.state import EditorState, editor_alpha
 
     st = EditorState.create(ui_model_path(), seed=2)
     try:
@@ -141,7 +142,7 @@ def test_paste_back_export_is_separate_from_the_edit():
 
 
 def test_keep_weights_hard_edge_and_feathered_ramp():
-    from draggan_core.drag import keep_weights
+    from draggan_core.edit.steps import keep_weights
     mask = torch.zeros(11, 11)
     mask[5, 5] = 1
     assert torch.equal(keep_weights(mask, 0), 1 - mask)
@@ -182,7 +183,7 @@ def _held_edit(model, anchor):
 def test_hold_anchor_keeps_the_dragged_content_at_the_target(model):
     """Hold steps run after the handle arrives (the run does not stop there); with the anchor, the
     features at the target stay closer to the handle's first features than without it."""
-    from draggan_core.drag import _FeatureWindow
+    from draggan_core.edit.steps import FeatureWindow
 
     G, defaults = model
     resolved = DragConfig().resolve(G, 1, defaults, masked=True)
@@ -200,7 +201,7 @@ def test_hold_anchor_keeps_the_dragged_content_at_the_target(model):
         py, px = torch.meshgrid(d, d, indexing="ij")
         at = torch.tensor(TARGET) + torch.stack([px.reshape(-1), py.reshape(-1)], dim=1)
         fr = resolved.feature_res
-        here = _FeatureWindow(feat, (0, fr, 0, fr), G.img_resolution, fr).sample(at)
+        here = FeatureWindow(feat, (0, fr, 0, fr), G.img_resolution, fr).sample(at)
         gaps[anchor] = float((here - pair.anchor).abs().mean())
     assert gaps[1.0] < gaps[0.0], gaps
     with pytest.raises(ValueError):

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from draggan_core.checkpoints import load_generator
-from draggan_core.drag import DragConfig, DragSession
-from draggan_core.latents import seed_to_w
-from draggan_core.models import CHECKPOINTS_DIR, DEFAULT_MODEL_NAME, drag_defaults_of, list_local_models
+from draggan_core.edit.session import DragSession
+from draggan_core.edit.settings import DragConfig
+from draggan_core.model.checkpoints import load_generator
+from draggan_core.model.latents import seed_to_w
+from draggan_core.model.store import CHECKPOINTS_DIR, DEFAULT_MODEL_NAME, drag_defaults_of, list_local_models
 
 MODEL_128 = CHECKPOINTS_DIR / "embedded-faces128-parts.safetensors"
 
@@ -48,7 +49,7 @@ def test_drag_on_the_128px_model_moves_the_handle(model128):
 
 
 def test_editor_shows_the_128px_model_enlarged_4x():
-    from webui.state import EditorState
+    from webui.editor.state import EditorState
 
     st = EditorState.create(MODEL_128, seed=3)
     try:

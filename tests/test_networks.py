@@ -1,8 +1,8 @@
 """The generator's optional z Fourier features (GeneratorConfig.mapping_z_fourier)."""
 import torch
 
-from draggan_core.checkpoints import load_generator, save_native
-from draggan_core.networks import Generator, GeneratorConfig, z_fourier_features
+from draggan_core.model.checkpoints import load_generator, save_native
+from draggan_core.model.networks import Generator, GeneratorConfig, z_fourier_features
 
 
 def test_z_fourier_features_feed_the_mapping(tmp_path):

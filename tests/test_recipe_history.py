@@ -16,11 +16,13 @@ import torch
 from PIL import Image
 
 import hostile
-from draggan_core import checkpoints, cli
-from draggan_core.drag import DragConfig, DragSession
-from draggan_core.latents import seed_to_w
-from draggan_core.models import default_model_path, drag_defaults_of
-from draggan_core.recipe import (MASK_URI_PREFIX, EditRecorder, MaskError, Recipe, Run, embed_mask, read_mask)
+from draggan_core.cli import program as cli
+from draggan_core.edit.recipe import MASK_URI_PREFIX, EditRecorder, MaskError, Recipe, Run, embed_mask, read_mask
+from draggan_core.edit.session import DragSession
+from draggan_core.edit.settings import DragConfig
+from draggan_core.model import checkpoints
+from draggan_core.model.latents import seed_to_w
+from draggan_core.model.store import default_model_path, drag_defaults_of
 
 MODEL = default_model_path()
 RES = json.loads(checkpoints.read_native_metadata(MODEL)["config"])["img_resolution"]

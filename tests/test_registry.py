@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from draggan_core import registry
-from draggan_core.registry import DownloadError, ModelEntry, download, get_model, list_models
+from draggan_core.model import registry
+from draggan_core.model.registry import DownloadError, ModelEntry, download, get_model, list_models
 
 PAYLOAD = random.Random(0).randbytes(300_000)
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -200,7 +200,7 @@ def test_download_by_url_and_refused_schemes(server, tmp_path):
 
 
 def test_cli_download(server, tmp_path, monkeypatch, capsys):
-    from draggan_core import cli
+    from draggan_core.cli import program as cli
     monkeypatch.setattr(registry, "get_model", lambda name: entry(server))
     assert cli.main(["download", "tiny", "--dir", str(tmp_path), "--no-progress"]) == 0
     assert (tmp_path / "tiny.pkl").read_bytes() == PAYLOAD

@@ -265,7 +265,7 @@ def test_malformed_points(ui_server, edited):
 
 @pytest.mark.slow  # 40 round trips; the cap itself is also tested on the state layer (test_reliability_core)
 def test_many_points_hit_the_cap(ui_server):
-    from webui.state import MAX_POINT_PAIRS
+    from webui.editor.state import MAX_POINT_PAIRS
     c = client(ui_server)
     c.predict(api_name="/clear_points")
     for i in range(MAX_POINT_PAIRS):
@@ -347,7 +347,7 @@ def test_divergence_message_reaches_the_ui():
     finally:
         PIL.Image.MAX_IMAGE_PIXELS = limit  # do not change other tests in this process
     run_fn = next(f.fn for f in demo.fns.values() if f.api_name == "run")
-    from webui.state import EditorState
+    from webui.editor.state import EditorState
     st = EditorState.create(ui_model_path(), seed=3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the app does on a shared 2-core box (oversubscription is ~40x slower)
@@ -396,7 +396,7 @@ def test_stop_returns_its_own_status_when_the_run_writes_one_meanwhile():
     view; /stop must return the status it computed (under load the client once got the run's text)."""
     from conftest import ui_model_path
     from webui.app import App
-    from webui.state import EditorState
+    from webui.editor.state import EditorState
     st = EditorState.create(ui_model_path(), seed=3)
     real_display = st.display
 

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from draggan_core import cli
-from draggan_core.cli_drag import CliError, load_mask
-from draggan_core.drag import DragConfig, DragError, DragSession
-from draggan_core.networks import Generator, GeneratorConfig
+from draggan_core.cli import program as cli
+from draggan_core.cli.drag import CliError, load_mask
+from draggan_core.edit.session import DragSession
+from draggan_core.edit.settings import DragConfig, DragError
+from draggan_core.model.networks import Generator, GeneratorConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hostile  # noqa: E402
@@ -111,7 +112,7 @@ def test_thousands_of_points_hit_the_cap(G, session):
 
 def test_state_layer_points(tmp_path):
     from conftest import ui_model_path
-    from webui.state import MAX_POINT_PAIRS, EditorState, UIError
+    from webui.editor.state import MAX_POINT_PAIRS, EditorState, UIError
 
     st = EditorState.create(ui_model_path(), seed=1)
     try:
@@ -169,7 +170,7 @@ def test_odd_but_valid_masks(session):
 
 def test_editor_values_with_wrong_shapes(tmp_path):
     from conftest import ui_model_path
-    from webui.state import EditorState, UIError, editor_alpha
+    from webui.editor.state import EditorState, UIError, editor_alpha
 
     st = EditorState.create(ui_model_path(), seed=2)
     try:

@@ -12,10 +12,11 @@ import pytest
 
 import torch
 
-from draggan_core.drag import DragConfig, DragSession
-from draggan_core.engine import EndEvent, FrameEvent, StartEvent, StepEvent
-from draggan_core.latents import seed_to_w
-from draggan_core.models import ModelStore, default_model_path
+from draggan_core.edit.engine import EndEvent, FrameEvent, StartEvent, StepEvent
+from draggan_core.edit.session import DragSession
+from draggan_core.edit.settings import DragConfig
+from draggan_core.model.latents import seed_to_w
+from draggan_core.model.store import ModelStore, default_model_path
 
 # ray is imported by the fixtures only: without requirements-serve.txt the default suite still collects
 # this module (and deselects it); `-m ray` without Ray fails loudly
@@ -34,7 +35,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def engine():
-    from draggan_core.serve_engine import start_engine
+    from draggan_core.serving.ray_engine import start_engine
     eng = start_engine(replicas=2, log=lambda msg: None)
     yield eng
     eng.close()
@@ -121,7 +122,7 @@ def test_cancel_stops_the_replicas_run_within_half_a_second(engine, model):
 
 def test_a_killed_replica_loses_nothing_the_caller_received(engine, model):
     import ray
-    from draggan_core.serve_engine import replica_actors
+    from draggan_core.serving.ray_engine import replica_actors
     s = _session(model, 11)
     run = engine.run_session(s, MODEL, 40)
     killed = None
@@ -150,7 +151,7 @@ def test_a_second_front_end_uses_the_running_application(engine):
     import ray
     code = """
 import sys
-from draggan_core.serve_engine import start_engine
+from draggan_core.serving.ray_engine import start_engine
 eng = start_engine(address=sys.argv[1], log=lambda m: print(m, flush=True))
 print("replica", eng.stats()["replica"], flush=True)
 eng.close()
@@ -166,12 +167,12 @@ def test_the_serve_config_is_valid_and_builds_the_application():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from draggan_core.serve_engine import build_app
+    from draggan_core.serving.ray_engine import build_app
     path = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
     cfg = yaml.safe_load(path.read_text())
     schema = ServeDeploySchema.model_validate(cfg)
     app = schema.applications[0]
-    assert app.import_path == "draggan_core.serve_engine:build_app"
+    assert app.import_path == "draggan_core.serving.ray_engine:build_app"
     scaling = app.deployments[0].autoscaling_config
     assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"]
     assert build_app(cfg["applications"][0]["args"]) is not None

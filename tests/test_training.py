@@ -47,7 +47,7 @@ def test_training_is_resumable_and_deterministic(tmp_path):
     assert whole["step"] == resumed["step"] == 4
     for k, v in whole["G_ema"].items():
         assert torch.equal(v, resumed["G_ema"][k]), k
-    from draggan_core.checkpoints import load_generator, read_native_metadata
+    from draggan_core.model.checkpoints import load_generator, read_native_metadata
     G = load_generator(tmp_path / "m.safetensors")
     snapshot_meta = read_native_metadata(tmp_path / "m.safetensors")
     assert G.img_resolution == 64 and snapshot_meta["training_steps"] == "4"
@@ -73,7 +73,7 @@ def test_part_scale_is_validated(tmp_path):
 
 
 def test_landmark_training_smoke(tmp_path):
-    from draggan_core.landmark_net import LandmarkDetector
+    from draggan_core.model.landmark_net import LandmarkDetector
     from training import landmarks
     out = tmp_path / "lm.safetensors"
     assert landmarks.main(["--out", str(out), "--max-steps", "2", "--batch", "4", "--eval-n", "8"]) == 0
@@ -247,11 +247,12 @@ def test_image_head_fine_tune_keeps_every_drag_on_the_same_latent_path(tmp_path)
     seed takes the same latent path on both models, while the rendered image differs."""
     import json
     import re
-    from draggan_core.checkpoints import load_generator
-    from draggan_core.drag import DragConfig, DragSession
-    from draggan_core.latents import seed_to_w
-    from draggan_core.models import PARTS_64_MODEL_NAME, drag_defaults_of
-    from draggan_core.paths import CHECKPOINTS_DIR
+    from draggan_core.model.checkpoints import load_generator
+    from draggan_core.edit.settings import DragConfig
+    from draggan_core.edit.session import DragSession
+    from draggan_core.model.latents import seed_to_w
+    from draggan_core.model.store import PARTS_64_MODEL_NAME, drag_defaults_of
+    from draggan_core.model.paths import CHECKPOINTS_DIR
     base = CHECKPOINTS_DIR / PARTS_64_MODEL_NAME  # the 64 px model the image-head preset was written for
     tuned_path = tmp_path / "m.safetensors"
     state = _run(tmp_path / "head", 3, ["--init-model", str(base), "--train-only", "image-head", "--part-l2", "8",
@@ -265,7 +266,7 @@ def test_image_head_fine_tune_keeps_every_drag_on_the_same_latent_path(tmp_path)
     assert "synthesis.b64.conv1.weight" in changed and "synthesis.b16.torgb.weight" in changed
     assert all(re.search(state["train_only"], k) for k in changed), changed
     assert "mapping.w_avg" not in changed
-    from draggan_core.checkpoints import read_native_metadata
+    from draggan_core.model.checkpoints import read_native_metadata
     base_meta, meta = read_native_metadata(base), read_native_metadata(tuned_path)
     assert int(meta["training_steps"]) == int(base_meta["training_steps"]) + 3  # the whole training counted
     assert json.loads(meta["fine_tune"])["steps"] == 3 and state["base"]["model"] == base.name
@@ -292,7 +293,7 @@ def test_image_head_fine_tune_keeps_every_drag_on_the_same_latent_path(tmp_path)
 def test_sweeps_start_from_the_swept_models_own_drag_defaults():
     """A sweep of the default (parts) model starts from its own lr (8e-3), not the L1 model's; a bare
     snapshot without drag defaults starts from the L1 model's file; --set values win."""
-    from draggan_core.models import default_model_path, drag_defaults_of
+    from draggan_core.model.store import default_model_path, drag_defaults_of
     from training.sweep_drag import base_drag_defaults
     from training.train_embedded import DRAG_DEFAULTS_FILE
     l1 = json.loads(DRAG_DEFAULTS_FILE.read_text())
@@ -307,7 +308,7 @@ def test_sweeps_start_from_the_swept_models_own_drag_defaults():
 
 
 def test_z_fourier_widening_keeps_the_generator_and_trains_on(tmp_path):
-    from draggan_core.networks import Generator, GeneratorConfig
+    from draggan_core.model.networks import Generator, GeneratorConfig
     out = tmp_path / "run"
     before = _run(out, 2)
     z = torch.from_numpy(faces.sample_z(3, seed=9))

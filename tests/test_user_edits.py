@@ -1,4 +1,4 @@
-"""The user-edit benchmark (draggan_core/user_edits.py) and the engine's own ends: a handle that lost
+"""The user-edit benchmark (draggan_core/evaluation/user_edits.py) and the engine's own ends: a handle that lost
 its feature, no progress, the local term. Mechanics on small inputs; the quality numbers are in
 docs/evaluation.md."""
 from __future__ import annotations
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from draggan_core import user_edits as ue
-from draggan_core.drag import DragConfig, DragSession
-from draggan_core.landmark_net import LandmarkDetector
-from draggan_core.latents import seed_to_w
-from draggan_core.models import ModelStore, default_model_path
+from draggan_core.edit.session import DragSession
+from draggan_core.edit.settings import DragConfig
+from draggan_core.evaluation import user_edits as ue
+from draggan_core.model.landmark_net import LandmarkDetector
+from draggan_core.model.latents import seed_to_w
+from draggan_core.model.store import ModelStore, default_model_path
 
 torch.set_num_threads(1)
 
@@ -155,7 +156,7 @@ def test_local_reference_is_retaken_for_new_points(model):
 
 
 def test_cli_runs_both_engines_on_the_same_seeds(capsys):
-    from draggan_core.cli import main
+    from draggan_core.cli.program import main
     rc = main(["eval", "--edits", "stress", "--pairs", "1", "--steps", "2", "--compat", "both", "--split", "val",
                "--json", "--quiet", "--threads", "1"])
     assert rc == 0

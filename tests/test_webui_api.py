@@ -10,7 +10,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from draggan_core.recipe import Recipe
+from draggan_core.edit.recipe import Recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -209,7 +209,7 @@ def test_model_switch_and_load_failure_keep_session(tmp_path):
     """State layer (no server): a broken checkpoint gives a UIError and the previous model is kept."""
     from conftest import ui_model_path
     from official_pickle import tiny64_pickle
-    from webui.state import EditorState, UIError
+    from webui.editor.state import EditorState, UIError
 
     st = EditorState.create(ui_model_path(), seed=1)
     st.click(10, 10)
@@ -255,7 +255,7 @@ def test_page_carries_the_first_image():
     its load event; the load event's image is the same picture."""
     from conftest import ui_model_path
     from webui.app import App, build_demo
-    from webui.state import EditorState
+    from webui.editor.state import EditorState
 
     demo = build_demo(ui_model_path())
     canvas = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "canvas")

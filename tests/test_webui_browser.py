@@ -326,7 +326,7 @@ def test_masked_drag_then_undo_run_goes_back_to_the_image_before(ui_server, page
 def test_downloads_latent_png_recipe_and_the_latent_comes_back(ui_server, page: Page, tmp_path):
     import json
 
-    from draggan_core.recipe import Recipe
+    from draggan_core.edit.recipe import Recipe
 
     open_app(page, ui_server["url"])
     rect = image_rect(page)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import ui_model_path
-from draggan_core.drag import DragSession
-from draggan_core.latents import load_latent
-from draggan_core.models import ModelStore
-from draggan_core.recipe import Recipe, read_mask, replay_runs
+from draggan_core.edit.recipe import Recipe, read_mask, replay_runs
+from draggan_core.edit.session import DragSession
+from draggan_core.model.latents import load_latent
+from draggan_core.model.store import ModelStore
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -29,7 +29,7 @@ def one_thread():
 
 @pytest.fixture
 def st():
-    from webui.state import EditorState
+    from webui.editor.state import EditorState
     s = EditorState.create(ui_model_path(), seed=3)
     yield s
     s.cleanup()
@@ -127,7 +127,7 @@ def test_the_recipe_replays_the_whole_history(st, tmp_path):
     assert recipe.history[0].stopped and recipe.history[-1].drags == [(44.0, 40.0, 47.0, 40.0)]
     assert recipe.history[-1].mask is not None and recipe.history[0].mask is None
     model = ModelStore().get(ui_model_path())
-    from draggan_core.latents import seed_to_w
+    from draggan_core.model.latents import seed_to_w
     session = DragSession(model.G, seed_to_w(model.G, recipe.seed, psi=recipe.psi), model_defaults=model.drag_defaults)
     for _ in replay_runs(session, recipe.history):
         pass
@@ -171,7 +171,7 @@ def test_an_uploaded_latent_recipe_is_one_zip_with_its_latent(st, tmp_path):
 
 
 def test_the_examples_file(tmp_path):
-    from draggan_core.models import list_local_models
+    from draggan_core.model.store import list_local_models
     from webui.services import EXAMPLES_FILE, load_examples
     examples = load_examples()
     assert examples and examples[0]["seed"] == 3 and examples[0]["pairs"][:2] == [(55, 95, 50, 90), (87, 91, 92, 86)]
@@ -190,7 +190,7 @@ def test_the_examples_file(tmp_path):
 
 
 def test_an_example_sets_model_seed_and_points_in_one_step(st):
-    from draggan_core.models import default_model_path
+    from draggan_core.model.store import default_model_path
     st.add_pair(1, 1, 2, 2)
     st.load_example(3, 0.7, [(55, 95, 50, 90), (87, 91, 92, 86)], default_model_path())
     assert st.resolution == 128 and st.seed == 3

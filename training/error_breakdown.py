@@ -84,8 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from draggan_core.checkpoints import load_generator
-    from draggan_core.models import default_model_path
+    from draggan_core.model.checkpoints import load_generator
+    from draggan_core.model.store import default_model_path
     model = Path(args.model) if args.model else default_model_path()
     b = breakdown(load_generator(model), args.n)
     b["model"] = str(model)

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # the one list of landmark names (and their order) lives in the core: the app's detector needs it
-from draggan_core.landmark_net import LANDMARK_NAMES
+from draggan_core.model.landmark_net import LANDMARK_NAMES
 
 # --------------------------------------------------------------------------
 # Parameters

@@ -19,9 +19,9 @@ import argparse
 
 import torch
 
-from draggan_core.models import PARTS_64_MODEL_NAME, PARTS_128_MODEL_NAME
-from draggan_core.networks import Generator, GeneratorConfig
-from draggan_core.paths import CHECKPOINTS_DIR
+from draggan_core.model.networks import Generator, GeneratorConfig
+from draggan_core.model.paths import CHECKPOINTS_DIR
+from draggan_core.model.store import PARTS_64_MODEL_NAME, PARTS_128_MODEL_NAME
 from training.train_embedded import (GROW128_DRAG_DEFAULTS_FILE, PARTS_DRAG_DEFAULTS_FILE, base_info, compact_state,
                                      export_model, mapping_frozen, read_drag_defaults)
 

@@ -72,7 +72,7 @@ def _stats(values):
 
 
 def evaluate_reconstruction(G, images, settings: dict, true_w=None, log=None) -> dict:
-    from draggan_core.inversion import invert, w_statistics
+    from draggan_core.edit.inversion import invert, w_statistics
     _, w_std = w_statistics(G)
     ps, ss, secs, cpu, wdist = [], [], [], [], []
     for i, img in enumerate(images):
@@ -94,8 +94,9 @@ def evaluate_reconstruction(G, images, settings: dict, true_w=None, log=None) ->
 
 
 def evaluate_drag(G, n: int, settings: dict, model_defaults: dict, steps: int = 300, log=None) -> dict:
-    from draggan_core.drag import DragConfig, DragSession
-    from draggan_core.inversion import invert
+    from draggan_core.edit.settings import DragConfig
+    from draggan_core.edit.session import DragSession
+    from draggan_core.edit.inversion import invert
     from training import faces
     z = faces.sample_z(n, seed=DRAG_SEED)
     batch = faces.render(z, resolution=G.img_resolution)
@@ -147,10 +148,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from draggan_core.checkpoints import load_generator
-    from draggan_core.latents import seed_to_w
-    from draggan_core.models import default_model_path, drag_defaults_of
-    from draggan_core.networks import to_uint8_image
+    from draggan_core.model.checkpoints import load_generator
+    from draggan_core.model.latents import seed_to_w
+    from draggan_core.model.store import default_model_path, drag_defaults_of
+    from draggan_core.model.networks import to_uint8_image
     from training import faces
 
     path = Path(args.model) if args.model else default_model_path()

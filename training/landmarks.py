@@ -1,4 +1,4 @@
-"""Train the landmark detector used by the evaluation protocol (draggan_core/landmark_net.py).
+"""Train the landmark detector used by the evaluation protocol (draggan_core/model/landmark_net.py).
 
     python -m training.landmarks --out checkpoints/landmarks64.safetensors --minutes 35
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from draggan_core.landmark_net import LandmarkDetector, LandmarkNet, LandmarkNetConfig, save_detector
+from draggan_core.model.landmark_net import LandmarkDetector, LandmarkNet, LandmarkNetConfig, save_detector
 from training import faces
 
 TRAIN_SEED_BASE = 20_000_000

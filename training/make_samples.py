@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from draggan_core.checkpoints import load_generator
-from draggan_core.latents import seed_to_w
-from draggan_core.models import default_model_path
-from draggan_core.networks import to_uint8_image
+from draggan_core.model.checkpoints import load_generator
+from draggan_core.model.latents import seed_to_w
+from draggan_core.model.networks import to_uint8_image
+from draggan_core.model.store import default_model_path
 
 
 def tile(images: list[np.ndarray], cols: int, scale: int, pad: int = 2) -> Image.Image:

@@ -19,7 +19,7 @@ use REFERENCE_SEED, so the two KID sets are independent.
   landmark_px_vs_render  mean distance (px) between landmarks detected on G(z) and the exact
                   landmarks of render(z) (geometry fidelity of G, plus the detector's own error, which
                   is given as landmark_px_detector_on_renders)
-  kid_lm          KID x1000 (landmark-detector features, draggan_core/landmark_net.py) between G
+  kid_lm          KID x1000 (landmark-detector features, draggan_core/model/landmark_net.py) between G
                   samples and renders; kid_lm_blur15 the same for renders blurred by a Gaussian of
                   sigma 1.5 px (a weaker "generator"); with --baseline also for that checkpoint.
   drag            of `--drag-edits` random 1-point edits (handle on a detected landmark, target
@@ -46,9 +46,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from draggan_core.evaluation import drag_edit, kid
-from draggan_core.face_checks import PARTS, SPREAD_MAX, TEETH_RATIO, part_checks, part_scores  # noqa: F401 (their old home)
-from draggan_core.landmark_net import LandmarkDetector
+from draggan_core.evaluation.face_checks import PARTS, SPREAD_MAX, TEETH_RATIO, part_checks, part_scores  # noqa: F401 (their old home)
+from draggan_core.evaluation.protocol import drag_edit, kid
+from draggan_core.model.landmark_net import LandmarkDetector
 from training import faces
 from training.landmarks import gaussian_blur
 
@@ -83,8 +83,8 @@ def features(detector: LandmarkDetector, images: torch.Tensor) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ drag success
 def drag_success(G, detector: LandmarkDetector, n: int, model_defaults: dict | None = None, steps: int = 300,
                  seed: int = 0, psi: float = 0.7, progress=None) -> dict:
-    from draggan_core.latents import seed_to_w
-    from draggan_core.networks import to_uint8_image
+    from draggan_core.model.latents import seed_to_w
+    from draggan_core.model.networks import to_uint8_image
     res = G.img_resolution
     success_px, min_px = SUCCESS_PX * res / BASE_RES, 3.0 * res / BASE_RES
     rng = np.random.default_rng([seed, DRAG_SEED_BASE])
@@ -130,8 +130,8 @@ def drag_success(G, detector: LandmarkDetector, n: int, model_defaults: dict | N
 # ------------------------------------------------------------------------------------------ main
 def compute_metrics(G, detector: LandmarkDetector, n: int = 500, baseline_G=None, drag_edits: int = 50,
                     model_defaults: dict | None = None, log=print) -> dict:
-    from draggan_core.networks import Generator
-    from draggan_core.ops import make_fir_filter, upsample2d
+    from draggan_core.model.networks import Generator
+    from draggan_core.model.ops import make_fir_filter, upsample2d
     t0 = time.time()
     res = G.img_resolution
     px = res / BASE_RES  # image pixels per 64-px pixel
@@ -203,8 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from draggan_core.checkpoints import load_generator
-    from draggan_core.models import default_model_path, drag_defaults_of
+    from draggan_core.model.checkpoints import load_generator
+    from draggan_core.model.store import default_model_path, drag_defaults_of
     model = Path(args.model) if args.model else default_model_path()
     G = load_generator(model)
     detector = LandmarkDetector.load(args.detector)

@@ -7,7 +7,7 @@
 detected landmark, target 5-20 % of the image away; seeds disjoint from the model card's) scored by
 where the landmark detector finds the dragged landmark afterwards (not by the engine's own tracked
 handle, which can claim success on a blurry model while the content stays put).
-`--protocol landmarks`: the paper's landmark-transfer protocol (draggan_core.evaluation) on the
+`--protocol landmarks`: the paper's landmark-transfer protocol (draggan_core.evaluation.protocol) on the
 *validation* split of pairs, disjoint from the test split docs/evaluation.md reports; scored by MD after.
 `--set key=value` fixes a setting for every row (e.g. --set subpixel=true); `--mask-set key=value`
 one of the settings used only while a mask is set (the `mask` dict of the drag defaults, docs/masks.md).
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from draggan_core.checkpoints import load_generator
-from draggan_core.evaluation import EvalConfig, evaluate, load_detector
-from draggan_core.models import default_model_path, drag_defaults_of
+from draggan_core.evaluation.protocol import EvalConfig, evaluate, load_detector
+from draggan_core.model.checkpoints import load_generator
+from draggan_core.model.store import default_model_path, drag_defaults_of
 from training.model_metrics import drag_success
 from training.train_embedded import DRAG_DEFAULTS_FILE
 

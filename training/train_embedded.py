@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from draggan_core.checkpoints import read_native_metadata, save_native
-from draggan_core.networks import Generator, GeneratorConfig
+from draggan_core.model.checkpoints import read_native_metadata, save_native
+from draggan_core.model.networks import Generator, GeneratorConfig
 from training import faces
 
 HELD_OUT_SEED = 1_000_003  # z for evaluation come from this seed; training seeds are step indices
@@ -386,7 +386,7 @@ def main(argv=None):
         if args.z_fourier and cfg.mapping_z_fourier not in (0, args.z_fourier):
             p.error(f"{source} already has z Fourier features k <= {cfg.mapping_z_fourier}, not --z-fourier {args.z_fourier}")
     elif args.grow_from:
-        from draggan_core.checkpoints import load_generator
+        from draggan_core.model.checkpoints import load_generator
         small = load_generator(args.grow_from).cpu()
         if small.img_resolution * 2 != args.resolution:
             p.error(f"--grow-from {args.grow_from}: a {small.img_resolution} px model grows to "
@@ -408,7 +408,7 @@ def main(argv=None):
         G.load_state_dict(grown.state_dict())
         G_ema.load_state_dict(grown.state_dict())
     if args.init_model and state is None and grown is None:
-        from draggan_core.checkpoints import load_generator
+        from draggan_core.model.checkpoints import load_generator
         init = load_generator(args.init_model).cpu()
         if init.cfg.to_json() != cfg.to_json():
             p.error(f"--init-model {args.init_model}: not the embedded architecture")

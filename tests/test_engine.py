@@ -29,10 +29,10 @@ def model():
     torch.set_num_threads(threads)
 
 
-def _session(model, w_mode="w+", masked=False, compat="ours", seed=5):
+def _session(model, w_mode="w+", masked=False, compat="ours", seed=5, defaults=None):
     # r1/r2 given: the official rules round them to 0 and 2 at 64 px
     cfg = DragConfig(display_every=0, stop_distance=0.1, w_mode=w_mode, compat=compat, r1=2.5, r2=4)
-    s = DragSession(model.G, seed_to_w(model.G, seed), cfg, model_defaults=model.drag_defaults)
+    s = DragSession(model.G, seed_to_w(model.G, seed), cfg, model_defaults={**model.drag_defaults, **(defaults or {})})
     s.add_pair((20, 40), (27, 44))
     s.add_pair((44, 30), (40, 26))
     if masked:
@@ -78,6 +78,8 @@ def _same_edit(a: DragSession, b: DragSession, tol=1e-6):
     ({"w_mode": "w"}, 4, False),
     ({"masked": True}, 4, True),
     ({"compat": "official"}, 4, False),
+    # the initial features the motion anchor and the local term hold on to travel with the state
+    ({"defaults": {"motion_anchor": 0.5, "lambda_local": 1.0}}, 4, True),
 ])
 def test_a_run_split_anywhere_ends_where_the_uninterrupted_run_ends(model, kw, k, via_bytes):
     whole = _uninterrupted(model, **kw)

@@ -54,6 +54,7 @@ class PairState:
     origin: tuple
     reference: np.ndarray | None = None   # [K, C] features at the handle when the run took them
     anchor: np.ndarray | None = None      # the same on the motion-supervision block (mask hold steps)
+    disc_reference: np.ndarray | None = None  # the motion disc's features when placed (motion_anchor)
 
 
 @dataclass
@@ -128,7 +129,9 @@ class RunState:
                 "exp_avg_sq": put("adam_exp_avg_sq", self.adam.exp_avg_sq)},
             "pairs": [{"handle": p.handle, "target": p.target, "origin": p.origin,
                        "reference": put(f"reference_{i}", p.reference),
-                       "anchor": put(f"anchor_{i}", p.anchor)} for i, p in enumerate(self.pairs)],
+                       "anchor": put(f"anchor_{i}", p.anchor),
+                       "disc_reference": put(f"disc_reference_{i}", p.disc_reference)}
+                      for i, p in enumerate(self.pairs)],
         }
         buf = io.BytesIO()
         np.savez(buf, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
@@ -153,7 +156,7 @@ class RunState:
             adam=None if adam is None else AdamState(adam["step"], get(adam["exp_avg"]), get(adam["exp_avg_sq"]),
                                                       adam["hyper"]),
             pairs=[PairState(tuple(p["handle"]), tuple(p["target"]), tuple(p["origin"]), get(p["reference"]),
-                             get(p.get("anchor"))) for p in meta["pairs"]],
+                             get(p.get("anchor")), get(p.get("disc_reference"))) for p in meta["pairs"]],
             mask=get(meta["mask"]), mask_reference=get(meta["mask_reference"]),
             mask_reference_image=get(meta["mask_reference_image"]), reference_key=tup(meta["reference_key"]),
             config=meta["config"], resolved=meta["resolved"], model_defaults=meta["model_defaults"],
@@ -205,7 +208,8 @@ def export_run_state(session: DragSession, model: str) -> RunState:
         model=str(model), w_initial=_np(session.w_initial), w_full=_np(session._w_full), param=_np(session._param),
         param_layout=None if session._param_layout is None else tuple(session._param_layout),
         adam=_adam_state(session._opt),
-        pairs=[PairState(p.handle, p.target, p.origin, _np(p.reference), _np(p.anchor)) for p in session.pairs],
+        pairs=[PairState(p.handle, p.target, p.origin, _np(p.reference), _np(p.anchor), _np(p.disc_reference))
+               for p in session.pairs],
         mask=_np(session.mask), mask_reference=_np(session._mask_reference),
         mask_reference_image=_np(session._mask_reference_image),
         reference_key=None if session._reference_key is None else tuple(session._reference_key),
@@ -222,7 +226,8 @@ def apply_run_state(session: DragSession, state: RunState) -> DragSession:
     session.w_initial = t(state.w_initial).float()
     session._w_full = t(state.w_full).float()
     session.pairs = [PointPair(handle=tuple(p.handle), target=tuple(p.target), origin=tuple(p.origin),
-                               reference=t(p.reference), anchor=t(p.anchor)) for p in state.pairs]
+                               reference=t(p.reference), anchor=t(p.anchor), disc_reference=t(p.disc_reference))
+                      for p in state.pairs]
     session.mask = t(state.mask)
     session._mask_reference = t(state.mask_reference)
     session._mask_reference_image = t(state.mask_reference_image)

@@ -294,7 +294,8 @@ class OursStep:
             step = min(dist, 1.0) if cfg.adaptive_step else 1.0  # a full pixel overshoots a closer target
             direction = (torch.tensor(p.target, dtype=torch.float32, device=device) - centre) * (step / dist)
             goal = fw.sample(q).detach()
-            if cfg.motion_anchor > 0 and p.disc_reference is not None:
+            # (a disc of another size, r1 having changed since the handle was placed: the paper's target)
+            if cfg.motion_anchor > 0 and p.disc_reference is not None and len(p.disc_reference) == len(inside):
                 goal = (1 - cfg.motion_anchor) * goal + cfg.motion_anchor * p.disc_reference[inside]
             loss_motion = loss_motion + (goal - fw.sample(q + direction)).abs().mean()
         loss_mask = torch.zeros((), device=device)

@@ -63,7 +63,7 @@ def model_for(args, tmpdir: Path) -> tuple[Path, str]:
 
 
 def official_step_seconds(path: Path, device: str, steps: int, threads: int) -> float:
-    """Median official-style step time on these weights (cli_bench's baseline), in this process."""
+    """Median official-style step time on these weights (the baseline of draggan_core/cli/bench.py), in this process."""
     import torch
 
     from draggan_core.model.checkpoints import load_generator
@@ -75,7 +75,7 @@ def official_step_seconds(path: Path, device: str, steps: int, threads: int) -> 
     G = load_generator(path, device=device)
     res = G.img_resolution
     blocks = G.synthesis.block_resolutions
-    # windowed=False: the official code computes the whole feature map every step (cli_bench's baseline)
+    # windowed=False: the official code computes the whole feature map every step (the baseline of draggan_core/cli/bench.py)
     s = DragSession(G, seed_to_w(G, 3), DragConfig(compat="official", tracking="l2", windowed=False, lr=1e-3, r1=3,
                                                    r2=12, display_every=0, feature_res=blocks[min(5, len(blocks) - 1)],
                                                    stop_distance=0.5))

@@ -271,6 +271,9 @@ class DragSession:
                 return
 
 
+PROGRESS_PX = 0.1  # patience counts steps since the mean tracked distance last fell by this much
+
+
 class _BestState:
     """Watches a run of our engine: remembers the best state (smallest mean tracked distance while
     every handle still matched its feature) and ends the run there when a handle has lost its
@@ -285,6 +288,7 @@ class _BestState:
         self.score = math.inf
         self.param = self.handles = self.distances = None
         self.step = session.step_count
+        self.progress_score, self.progress_step = math.inf, session.step_count  # the last real progress
 
     def observe(self, result: StepResult, param_before: torch.Tensor, cfg: DragConfig):
         s = self.s
@@ -292,6 +296,8 @@ class _BestState:
         step_of_result = s.step_count - (1 if not result.done else 0)  # the result describes the state before the step
         score = sum(result.distances) / len(result.distances)
         too_far = cfg.max_shift > 0 and s.latent_shift(param_before) > cfg.max_shift
+        if score < self.progress_score - PROGRESS_PX:
+            self.progress_score, self.progress_step = score, step_of_result
         if not lost and not too_far and score < self.score - 1e-6:
             self.score, self.param, self.step = score, param_before, step_of_result
             self.handles, self.distances = list(result.handles), list(result.distances)
@@ -306,7 +312,7 @@ class _BestState:
             end = "limit"
             why = (f"the edit reached the limit of what the model draws well at step {step_of_result} "
                    f"(latent moved {s.latent_shift(param_before):.2f} RMS, limit {cfg.max_shift:g})")
-        elif cfg.patience and step_of_result - self.step >= cfg.patience:
+        elif cfg.patience and step_of_result - self.progress_step >= cfg.patience:
             end, why = "stalled", f"no handle came closer for {cfg.patience} steps (step {step_of_result})"
         else:  # max steps is a pause, not an end: Start goes on from here as if it had never stopped
             return

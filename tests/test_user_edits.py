@@ -165,3 +165,9 @@ def test_cli_runs_both_engines_on_the_same_seeds(capsys):
     assert (ours["compat"], official["compat"]) == ("ours", "official")
     assert ours["stress"]["edits"] == official["stress"]["edits"] == len(ue.STRESS_EDITS)
     assert "user edits (val split, 1 seeds per edit, engine official)" in "\n".join(out)
+
+
+def test_the_history_strip_has_a_word_for_every_way_a_run_ends():
+    from draggan_core.edit.settings import RUN_ENDS
+    from webui.editor.running import RUN_END_WORDS
+    assert set(RUN_ENDS) <= set(RUN_END_WORDS)

@@ -240,8 +240,8 @@ class RunMixin:
         return f"stopped at step {self.session.step_count} - distances: {d} px - press Start to resume"
 
 
-RUN_END_WORDS = {"arrived": "done", "max_steps": "max steps", "lost_handle": "handle lost", "stalled": "stalled",
-                 "diverged": "rolled back"}
+RUN_END_WORDS = {"arrived": "done", "max_steps": "max steps", "lost_handle": "handle lost", "limit": "at the limit",
+                 "stalled": "stalled", "diverged": "rolled back"}
 
 
 def _outcome(result) -> str:

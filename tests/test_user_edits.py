@@ -171,3 +171,19 @@ def test_the_history_strip_has_a_word_for_every_way_a_run_ends():
     from draggan_core.edit.settings import RUN_ENDS
     from webui.editor.running import RUN_END_WORDS
     assert set(RUN_ENDS) <= set(RUN_END_WORDS)
+
+
+def test_the_web_ui_examples_work_as_advertised(model, detector):
+    """Every example edit offered in the web UI reaches its targets with the model's defaults and
+    keeps every face part (the examples were taken from the user-edit benchmark)."""
+    from webui.services import load_examples
+    for ex in load_examples():
+        if ex["model"] != default_model_path().name:
+            continue
+        s = DragSession(model.G, seed_to_w(model.G, ex["seed"], psi=ex["psi"]), DragConfig(display_every=0),
+                        model_defaults=model.drag_defaults)
+        for hx, hy, tx, ty in ex["pairs"]:
+            s.add_pair((hx, hy), (tx, ty))
+        last = list(s.run())[-1]
+        assert last.reached and last.end == "arrived", (ex["name"], last.message)
+        assert ue.faces_intact(s.render()[None], detector)[0], ex["name"]

@@ -295,7 +295,8 @@ class _BestState:
         lost = [i for i, m in enumerate(result.matches) if cfg.lost_match > 0 and m > cfg.lost_match]
         step_of_result = s.step_count - (1 if not result.done else 0)  # the result describes the state before the step
         score = sum(result.distances) / len(result.distances)
-        too_far = cfg.max_shift > 0 and s.latent_shift(param_before) > cfg.max_shift
+        shift = s.latent_shift(param_before) if cfg.max_shift > 0 else 0.0
+        too_far = shift > cfg.max_shift > 0
         if score < self.progress_score - PROGRESS_PX:
             self.progress_score, self.progress_step = score, step_of_result
         if not lost and not too_far and score < self.score - 1e-6:
@@ -311,7 +312,7 @@ class _BestState:
         elif too_far:
             end = "limit"
             why = (f"the edit reached the limit of what the model draws well at step {step_of_result} "
-                   f"(latent moved {s.latent_shift(param_before):.2f} RMS, limit {cfg.max_shift:g})")
+                   f"(latent moved {shift:.2f} RMS, limit {cfg.max_shift:g})")
         elif cfg.patience and step_of_result - self.progress_step >= cfg.patience:
             end, why = "stalled", f"no handle came closer for {cfg.patience} steps (step {step_of_result})"
         else:  # max steps is a pause, not an end: Start goes on from here as if it had never stopped

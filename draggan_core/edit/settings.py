@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 COMPAT_MODES = ("ours", "official")
 # how a run ends: every handle arrived; max steps; a handle lost its feature; the latent went too far
 # from the start; no progress; rolled back
+# settings beyond the paper that stay off (0) unless a model's drag defaults set them
+OFF_UNLESS_SET = (("lost_match", float), ("patience", int), ("max_shift", float), ("lambda_w0", float),
+                  ("lambda_local", float), ("motion_anchor", float))
 RUN_ENDS = ("arrived", "max_steps", "lost_handle", "limit", "stalled", "diverged")
 # drag-default settings a model card may give a separate value for edits with several points
 MULTI_POINT_SETTINGS = ("lr", "r1")
@@ -127,18 +130,9 @@ class DragConfig:
             c.mask_hold_anchor = 0.0 if official else float(md.get("mask_hold_anchor", 0.0))
         if c.mask_feather is None:  # not in the paper (a hard edge)
             c.mask_feather = 0.0 if official else float(md.get("mask_feather", 0.0))
-        if c.lost_match is None:
-            c.lost_match = 0.0 if official else float(md.get("lost_match", 0.0))
-        if c.patience is None:
-            c.patience = 0 if official else int(md.get("patience", 0))
-        if c.max_shift is None:
-            c.max_shift = 0.0 if official else float(md.get("max_shift", 0.0))
-        if c.lambda_w0 is None:
-            c.lambda_w0 = 0.0 if official else float(md.get("lambda_w0", 0.0))
-        if c.lambda_local is None:
-            c.lambda_local = 0.0 if official else float(md.get("lambda_local", 0.0))
-        if c.motion_anchor is None:
-            c.motion_anchor = 0.0 if official else float(md.get("motion_anchor", 0.0))
+        for name, kind in OFF_UNLESS_SET:  # not in the paper: off, unless the model's defaults set them
+            if getattr(c, name) is None:
+                setattr(c, name, kind(0) if official else kind(md.get(name, 0)))
         if c.local_margin is None:
             c.local_margin = float(md.get("local_margin", 16 * res / 128))
         if c.stop_distance is None:

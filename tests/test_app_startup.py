@@ -92,7 +92,7 @@ def test_a_known_model_name_is_downloaded_verified_and_opened(tmp_path, model_se
                 assert proc.poll() is None, log.read_text()
                 assert time.time() - t0 < 120, log.read_text()
                 time.sleep(0.25)
-        while "DragGAN web UI" not in log.read_text() and time.time() - t0 < 120:
+        while "python app.py --share" not in log.read_text() and time.time() - t0 < 120:
             time.sleep(0.25)  # the server answers a moment before the banner is printed
         text = log.read_text()
         assert "downloading test-faces64" in text and "test-faces64.safetensors (64 px)" in text, text

@@ -354,8 +354,9 @@ def launch(demo: gr.Blocks, host: str, port: int, share: bool = False, info: str
     _, local_url, share_url = demo.launch(server_name=host, server_port=port, share=share,
                                           max_file_size=MAX_UPLOAD, prevent_thread_lock=True, css=CSS,
                                           footer_links=["api"], show_error=False, quiet=True)
-    print(f"DragGAN web UI: {info or Path(demo.draggan_model_path).name}", flush=True)
-    print(f"open {local_url}" + ("" if share else "  (python app.py --share for a public link)"), flush=True)
+    # one write, so a reader of the log never sees the banner without the address
+    print(f"DragGAN web UI: {info or Path(demo.draggan_model_path).name}\n"
+          f"open {local_url}" + ("" if share else "  (python app.py --share for a public link)"), flush=True)
     if not getattr(demo, "draggan_allow_downloads", True):
         print("model downloads by visitors: off (--allow-downloads turns them on)", flush=True)
     if share:

@@ -291,3 +291,25 @@ def test_model_card_may_set_a_multi_point_radius_and_a_mask_setting_wins(G):
     masked = DragConfig().resolve(G, 5, card, masked=True)
     assert masked.r1 == 9.0 and masked.lr == 3e-3  # the mask names r1, not lr
     assert DragConfig().resolve(G, 1, card, masked=True).r1 == 9.0
+
+
+def test_model_card_may_set_values_for_many_points(G):
+    card = {"motion_anchor": 0.8, "patience": 60, "lr": 8e-3, "lr_multi_point": 3e-3,
+            "many_points": {"motion_anchor": 0.0, "patience": 0}, "mask": {"patience": 7}}
+    two, three = DragConfig().resolve(G, 2, card), DragConfig().resolve(G, 3, card)
+    assert (two.motion_anchor, two.patience, two.lr) == (0.8, 60, 3e-3)   # a smile's two corners keep the rules
+    assert (three.motion_anchor, three.patience, three.lr) == (0.0, 0, 3e-3)
+    assert DragConfig().resolve(G, 3, card, masked=True).patience == 7    # the mask's value wins
+    assert DragConfig(patience=9).resolve(G, 5, card).patience == 9        # and the user's over both
+    later = {**card, "many_points": {"from": 6, "patience": 0}}
+    assert DragConfig().resolve(G, 5, later).patience == 60 and DragConfig().resolve(G, 6, later).patience == 0
+
+
+def test_the_default_model_drags_many_points_with_the_rules_of_its_previous_defaults():
+    # chosen on validation pairs: the motion anchor and end rules help 1-2 point edits and cost the
+    # 5-point protocol, so from 3 points the default model drags as it did before they existed
+    from draggan_core.model.store import ModelStore, default_model_path
+    model = ModelStore().get(default_model_path())
+    one, five = (DragConfig().resolve(model.G, n, model.drag_defaults) for n in (1, 5))
+    assert one.motion_anchor > 0 and one.max_shift > 0 and one.patience > 0 and one.lost_match > 0
+    assert (five.motion_anchor, five.max_shift, five.patience, five.lost_match) == (0, 0, 0, 0)

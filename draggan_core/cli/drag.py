@@ -20,6 +20,7 @@ import numpy as np
 
 from ..edit.recipe import (MAX_MASK_PIXELS, EditRecorder, MaskError, Recipe, embed_mask, parse_drag, read_mask,
                            replay_runs)
+from ..edit.settings import MANY_POINTS_FROM
 from ..model.devices import add_device_argument
 from .program import (CliError, add_model_argument, add_quiet_argument, check_outputs, check_scale, enlarge, load_model,
                       positive_int, progress_bar, resolve_model_path)
@@ -72,6 +73,9 @@ def _model_default_help(field: str, what: str, generic: str, recommended: dict) 
     shown = f"; {value} for the default model" if value is not None else ""
     if f"{field}_multi_point" in recommended:
         shown += f" ({recommended[f'{field}_multi_point']} with several points)"
+    many = recommended.get("many_points")
+    if isinstance(many, dict) and field in many:
+        shown += f" ({many[field]} from {many.get('from', MANY_POINTS_FROM)} points)"
     return f"{what} (default: the model's recommended value{shown}; {generic} for a model without one)"
 
 

@@ -24,6 +24,9 @@ OFF_UNLESS_SET = (("lost_match", float), ("patience", int), ("max_shift", float)
 RUN_ENDS = ("arrived", "max_steps", "lost_handle", "limit", "stalled", "diverged")
 # drag-default settings a model card may give a separate value for edits with several points
 MULTI_POINT_SETTINGS = ("lr", "r1")
+# a model card's "many_points" dict replaces settings from this many handles on ("from" overrides it):
+# moving many landmarks at once reshapes the whole face, which the rules made for one feature hold back
+MANY_POINTS_FROM = 3
 
 
 @dataclass
@@ -76,21 +79,24 @@ class DragConfig:
         """Fill the None fields for this generator (model card defaults first, then generic rules).
 
         masked: a mask is set, so the model's mask settings (the "mask" dict inside its drag
-        defaults) replace its other defaults where they name the same setting.
+        defaults) replace its other defaults where they name the same setting. With several points the
+        `<setting>_multi_point` values apply, and from MANY_POINTS_FROM points (or the dict's "from")
+        those of the "many_points" dict.
         """
         res = G.img_resolution
         md = dict(model_defaults or {})
-        mask_md = md.pop("mask", None)
+        mask_md, many_md = md.pop("mask", None), md.pop("many_points", None)
         c = dataclasses.replace(self)
         if c.compat not in COMPAT_MODES:
             raise ValueError(f"compat must be one of {COMPAT_MODES}")
         official = c.compat == "official"
-        if masked and isinstance(mask_md, dict):
-            md.update(mask_md)
-            for key in mask_md:  # a mask setting wins over the several-point value of the same setting
-                md.pop(f"{key}_multi_point", None)
+        # later tiers win where they name the same setting: several points, many points, a mask
         if num_points > 1:  # a model card may recommend other values when several handles must settle together
             md.update({key: md[f"{key}_multi_point"] for key in MULTI_POINT_SETTINGS if f"{key}_multi_point" in md})
+        if isinstance(many_md, dict) and num_points >= int(many_md.get("from", MANY_POINTS_FROM)):
+            md.update({key: value for key, value in many_md.items() if key != "from"})
+        if masked and isinstance(mask_md, dict):
+            md.update(mask_md)
         blocks = G.synthesis.block_resolutions
         if c.feature_res is None:
             c.feature_res = md.get("feature_res") if not official else None

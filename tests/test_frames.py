@@ -231,7 +231,7 @@ def test_device_resolution_and_errors(monkeypatch):
 
 
 def test_thread_budget_splits_the_cores():
-    budget = ThreadBudget(total=8)
+    budget = ThreadBudget(total=8, adaptive=False)
     assert budget.share() == 4  # a lone run and the renderer, half each
     with budget.run():
         assert budget.runs == 1 and torch.get_num_threads() == 4
@@ -239,6 +239,7 @@ def test_thread_budget_splits_the_cores():
             assert budget.share() == 2
     assert budget.runs == 0
     assert ThreadBudget(total=1).share() == 1
+    assert ThreadBudget(total=8, renderer=False, adaptive=False).share() == 8  # the CLI: no renderer
 
 
 def test_fused_modconv_measurement_runs(model):

@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ..model.devices import DeviceError, add_device_argument, resolve_device
+import torch
+
+from ..model.devices import DeviceError, ThreadBudget, add_device_argument, resolve_device
 from ..model.store import CHECKPOINTS_DIR as DEFAULT_CHECKPOINTS_DIR
 from ..model.store import default_model_path
 
@@ -507,7 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(args, "device"):  # every command that computes: auto / cpu / cuda / mps, checked up front
             args.device = resolve_device(args.device)
-        return int(args.func(args) or 0)
+        if getattr(args, "threads", None):  # an explicit --threads is kept as given
+            torch.set_num_threads(args.threads)
+            return int(args.func(args) or 0)
+        with ThreadBudget(renderer=False).run():  # all cores, fewer while other processes keep them busy
+            return int(args.func(args) or 0)
     except BrokenPipeError:  # `draggan models | head`: the reader has gone, nothing to report
         try:  # so that the flush at exit does not fail again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model.devices import refresh_threads
 from ..model.networks import Generator, to_uint8_image
 from .settings import DragConfig, DragError, PointPair, StepResult, as_point
 from .steps import OfficialStep, OursStep
@@ -247,6 +248,7 @@ class DragSession:
         engine = OfficialStep(self, cfg) if cfg.compat == "official" else OursStep(self, cfg)
         best = _BestState(self) if cfg.compat != "official" else None
         for k in range(steps + 1):
+            refresh_threads()  # follow the thread share when other runs or processes start or stop
             t0 = time.perf_counter()
             good_param = self._param.detach().clone()
             good_handles = [p.handle for p in self.pairs]

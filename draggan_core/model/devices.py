@@ -12,6 +12,7 @@ steps many times slower on a busy 2-core machine.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import threading
 import time
@@ -124,17 +125,115 @@ def fused_modconv_for(G) -> bool:
 
 
 # ------------------------------------------------------------------ CPU thread shares
-class ThreadBudget:
-    """Splits the CPU threads between the running drags and the frame renderer.
+POLICY_ENV = "DRAGGAN_THREAD_POLICY"   # "adaptive" (default) or "fixed" (always the configured threads)
+# a neighbour keeping more than this much of a core busy takes one of our threads (see `threads_for_load`)
+NEIGHBOUR_SLACK = 0.35
+LOAD_INTERVAL_S = 0.5                  # how often the load is sampled (two small /proc reads)
 
-    A lone run gets half the cores and the renderer the other half (the two work at the same time);
-    with k runs each gets cores // (k + 1), at least one. DRAGGAN_TORCH_THREADS caps the total.
+
+def adaptive_policy() -> bool:
+    return os.environ.get(POLICY_ENV, "adaptive").strip().lower() != "fixed"
+
+
+class CpuLoadMonitor:
+    """How many cores *other* processes keep busy: the machine's busy time (/proc/stat) minus this
+    process's own CPU time, over the last sampling interval. None where /proc/stat is missing (not
+    Linux) or before the first interval has passed."""
+
+    def __init__(self, interval: float = LOAD_INTERVAL_S, sample=None):
+        """sample: () -> (monotonic seconds, machine busy ticks or None, own CPU seconds); tests inject one."""
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        if sample is not None:
+            self._sample = sample
+        self._last = self._sample()
+        self.others: float | None = None
+
+    @staticmethod
+    def _machine_busy_ticks() -> int | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = f.readline().split()
+        except OSError:
+            return None
+        if not fields or fields[0] != "cpu":
+            return None
+        v = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+
+    def _sample(self) -> tuple:
+        busy = self._machine_busy_ticks()
+        t = os.times()
+        return (time.monotonic(), busy, t.user + t.system)
+
+    def update(self) -> float | None:
+        """Cores busy with other processes (re-sampled when the interval has passed)."""
+        with self._lock:
+            sample = self._sample()
+            if sample[0] - self._last[0] < self.interval:
+                return self.others
+            (t0, busy0, own0), (t1, busy1, own1) = self._last, sample
+            self._last = sample
+            if busy0 is None or busy1 is None:
+                return None
+            self.others = max(0.0, ((busy1 - busy0) / self._hz - (own1 - own0)) / (t1 - t0))
+            return self.others
+
+
+_MONITOR: CpuLoadMonitor | None = None
+_MONITOR_LOCK = threading.Lock()
+
+
+def load_monitor() -> CpuLoadMonitor:
+    global _MONITOR
+    with _MONITOR_LOCK:
+        if _MONITOR is None:
+            _MONITOR = CpuLoadMonitor()
+        return _MONITOR
+
+
+def threads_for_load(total: int, cores: int, others: float | None, current: int | None = None) -> int:
+    """Threads to use when other processes keep `others` cores busy.
+
+    OpenMP threads wait for each other at every parallel region: a thread whose core another process
+    holds makes all of them wait (measured in docs/benchmarks.md#sharing-the-cpu: one neighbour
+    engine cut a 2-thread step rate to a fraction, while 1 thread kept its speed). So every core's
+    worth of neighbour load beyond NEIGHBOUR_SLACK costs one thread; coming back up needs the load to
+    fall a further 0.2 core below that (no flapping around the edge).
+    """
+    if others is None:
+        return total
+    n = cores - math.ceil(others - NEIGHBOUR_SLACK)
+    if current is not None and n > current:
+        n_down = cores - math.ceil(others - NEIGHBOUR_SLACK + 0.2)
+        n = max(current, n_down)
+    return max(1, min(total, n))
+
+
+class ThreadBudget:
+    """Splits the CPU threads between the running drags and (in the web UI) the frame renderer.
+
+    With a renderer, a lone run gets half the threads and the renderer the other half (the two work
+    at the same time); with k runs each gets threads // (k + 1), at least one. Without one (the CLI),
+    k runs split all of them. DRAGGAN_TORCH_THREADS caps the total; with the adaptive policy (the
+    default; DRAGGAN_THREAD_POLICY=fixed turns it off) the total shrinks while other processes keep
+    cores busy (`threads_for_load`), re-checked before every drag step.
     """
 
-    def __init__(self, total: int | None = None):
+    def __init__(self, total: int | None = None, renderer: bool = True, adaptive: bool | None = None):
         self._total = total
         self._runs = 0
+        self._renderer = renderer
+        self._adaptive = adaptive
+        self._available: int | None = None
         self._lock = threading.Lock()
+        if self.adaptive:
+            load_monitor()  # start sampling now, so the first run already has a reading
+
+    @property
+    def adaptive(self) -> bool:
+        return adaptive_policy() if self._adaptive is None else self._adaptive
 
     @property
     def total(self) -> int:
@@ -143,16 +242,26 @@ class ThreadBudget:
         value = os.environ.get(THREADS_ENV, "").strip()
         return int(value) if value.isdigit() and int(value) > 0 else max(1, os.cpu_count() or 1)
 
+    def available(self) -> int:
+        """The total, less what other processes' load takes (adaptive policy)."""
+        total = self.total
+        if not self.adaptive:
+            return total
+        self._available = threads_for_load(total, os.cpu_count() or 1, load_monitor().update(), self._available)
+        return self._available
+
     @property
     def runs(self) -> int:
         return self._runs
 
     def share(self) -> int:
         """Threads for one run or for the renderer, given the runs active now."""
-        return max(1, self.total // (max(self._runs, 1) + 1))
+        parts = max(self._runs, 1) + (1 if self._renderer else 0)
+        return max(1, self.available() // parts)
 
     def run(self):
-        """Context manager around one drag run: counts it and sets the calling thread's threads."""
+        """Context manager around one drag run: counts it, sets the calling thread's threads, and
+        makes `refresh_threads()` (called by `DragSession.run` before every step) follow the share."""
         budget = self
 
         class _Run:
@@ -161,16 +270,19 @@ class ThreadBudget:
                     budget._runs += 1
                 self.threads = budget.share()
                 torch.set_num_threads(self.threads)
+                self._outer = getattr(_CURRENT, "run", None)
+                _CURRENT.run = self
                 return self
 
             def refresh(self):
-                """Follow the share when other runs start or end (cheap when unchanged)."""
+                """Follow the share when other runs or processes start or end (cheap when unchanged)."""
                 share = budget.share()
                 if share != self.threads:
                     self.threads = share
                     torch.set_num_threads(share)
 
             def __exit__(self, *exc):
+                _CURRENT.run = self._outer
                 with budget._lock:
                     budget._runs -= 1
                 return False
@@ -178,5 +290,16 @@ class ThreadBudget:
         return _Run()
 
 
-__all__ = ["DEVICE_CHOICES", "DeviceError", "ThreadBudget", "add_device_argument", "describe",
+_CURRENT = threading.local()
+
+
+def refresh_threads() -> None:
+    """Before a drag step: the calling thread's run (if inside `ThreadBudget.run()`) follows its share."""
+    run = getattr(_CURRENT, "run", None)
+    if run is not None:
+        run.refresh()
+
+
+__all__ = ["DEVICE_CHOICES", "CpuLoadMonitor", "DeviceError", "ThreadBudget", "adaptive_policy", "load_monitor",
+           "refresh_threads", "threads_for_load", "add_device_argument", "describe",
            "fused_modconv_for", "measure_fused_modconv", "resolve_device", "synchronize"]

@@ -7,11 +7,20 @@ submission replaces an older one, so a slow render never builds a queue of stale
 frame a stream publishes only ever moves forward in steps. Pending latents of the same generator are
 rendered as one batch (several users at once cost one forward on a GPU).
 
+Cheaper previews of large models: from `HALF_PREVIEW_FROM` px up, an intermediate frame is the skip
+generator's running RGB image after block R/2 (the last, most expensive block is not run), up-sampled
+to R (bicubic) plus the last ToRGB layer's bias (`preview_image`). Smaller models and resnet
+generators (no such image) render in full. `DRAGGAN_PREVIEW=full|half|auto` (default auto) overrides
+the rule. Only previews change: `render_batch` without `image_res` stays the exact render.
+Measured quality and the choice of the threshold: docs/benchmarks.md, "Preview frames".
+
 The frame shown when a run ends is not a preview: `DragSession.render()` of the final latent.
 """
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +30,40 @@ import numpy as np
 import torch
 
 from ..model.networks import to_uint8_image
+
+PREVIEW_ENV = "DRAGGAN_PREVIEW"
+PREVIEW_MODES = ("auto", "full", "half")
+HALF_PREVIEW_FROM = 512  # px: auto previews show the R/2 skip image from this resolution up
+
+log = logging.getLogger(__name__)
+_warned_modes: set[str] = set()
+
+
+def preview_mode() -> str:
+    """DRAGGAN_PREVIEW: auto (default), full or half; an unknown value counts as auto (logged once)."""
+    mode = os.environ.get(PREVIEW_ENV, "").strip().lower() or "auto"
+    if mode not in PREVIEW_MODES:
+        if mode not in _warned_modes:
+            _warned_modes.add(mode)
+            log.warning("%s=%r is not one of %s: using auto", PREVIEW_ENV, mode, "|".join(PREVIEW_MODES))
+        mode = "auto"
+    return mode
+
+
+def preview_res(G, mode: str | None = None) -> int | None:
+    """The block whose skip image an intermediate frame of G shows, or None for the full render.
+
+    mode: auto | full | half (None: DRAGGAN_PREVIEW). Half needs a skip-architecture generator."""
+    mode = preview_mode() if mode is None else mode
+    if mode not in PREVIEW_MODES:
+        raise ValueError(f"preview mode must be one of {PREVIEW_MODES}, got {mode!r}")
+    synthesis = getattr(G, "synthesis", None)
+    cfg = getattr(synthesis, "cfg", None)
+    if mode == "full" or cfg is None or not getattr(synthesis, "has_skip_images", False) or cfg.img_resolution < 8:
+        return None
+    if mode == "auto" and cfg.img_resolution < HALF_PREVIEW_FROM:
+        return None
+    return cfg.img_resolution // 2
 
 
 @dataclass(frozen=True)
@@ -128,7 +171,9 @@ class FrameRenderer:
             if threads:
                 torch.set_num_threads(threads)
             try:
-                images, seconds = render_batch(batch[0].G, [j.latent for j in batch], batch[0].noise_mode)
+                G = batch[0].G
+                images, seconds = render_batch(G, [j.latent for j in batch], batch[0].noise_mode,
+                                               image_res=preview_res(G))
             except Exception:  # a failed preview must not kill the worker; the run's final render reports errors
                 continue
             self.batches_rendered += 1
@@ -137,14 +182,43 @@ class FrameRenderer:
                 job.stream._publish(Frame(job.step, image, seconds))
 
 
-def render_batch(G, latents: list[torch.Tensor], noise_mode: str = "const") -> tuple[list[np.ndarray], float]:
-    """Render same-shape latents [1, num_ws, w_dim] in one forward; returns uint8 images and seconds."""
+def render_batch(G, latents: list[torch.Tensor], noise_mode: str = "const",
+                 image_res: int | None = None) -> tuple[list[np.ndarray], float]:
+    """Render same-shape latents [1, num_ws, w_dim] in one forward; returns uint8 images and seconds.
+
+    image_res: None renders exactly; a block resolution (`preview_res`) renders that block's skip
+    image as a preview of full size (`preview_image`)."""
     t0 = time.perf_counter()
     with torch.no_grad():
         ws = torch.cat([w.to(next(G.parameters()).device, torch.float32) for w in latents], dim=0)
-        img = G.synthesis(ws, noise_mode=noise_mode)
+        if image_res is None:
+            img = G.synthesis(ws, noise_mode=noise_mode)
+        else:
+            img = preview_image(G, G.synthesis(ws, noise_mode=noise_mode, image_res=image_res))
         images = [to_uint8_image(img[i]) for i in range(img.shape[0])]
     return images, time.perf_counter() - t0
 
 
-__all__ = ["Frame", "FrameRenderer", "FrameStream", "render_batch"]
+def preview_image(G, img: torch.Tensor) -> torch.Tensor:
+    """A skip image [N, C, r, r] of G taken to full size: bicubic up-sampling (of those measured, the
+    closest to the full render) plus the ToRGB biases of the blocks not run (what they add where their
+    convolution term is zero: +3 dB on the default model, for nothing). A full-size image (a resnet
+    generator's fallback) is returned as it is."""
+    synthesis = G.synthesis
+    full = synthesis.cfg.img_resolution
+    channels = synthesis.cfg.img_channels
+    assert img.ndim == 4 and img.shape[1] == channels and img.shape[2] == img.shape[3], tuple(img.shape)
+    if img.shape[-1] == full:
+        return img
+    assert img.shape[-1] in synthesis.block_resolutions, tuple(img.shape)
+    out = torch.nn.functional.interpolate(img, size=(full, full), mode="bicubic", align_corners=False)
+    for res in synthesis.block_resolutions:
+        block = synthesis.block(res)
+        if res > img.shape[-1] and block.num_torgb:
+            out = out + block.torgb.bias.view(1, -1, 1, 1)
+    assert out.shape[1:] == (channels, full, full), tuple(out.shape)
+    return out
+
+
+__all__ = ["Frame", "FrameRenderer", "FrameStream", "HALF_PREVIEW_FROM", "PREVIEW_ENV", "preview_image",
+           "preview_mode", "preview_res", "render_batch"]

@@ -5,7 +5,9 @@ stylegan3 repo, StyleGAN2 family), so official checkpoints load by name. One cla
 All computation is fp32 (NVIDIA's fp16 blocks are a CUDA speed trick; this code runs them in fp32).
 
 The synthesis network can stop after a chosen block and return that block's feature map, which is
-what the drag loop needs (it never looks at later blocks while optimising).
+what the drag loop needs (it never looks at later blocks while optimising). A skip-architecture
+network can also stop after a chosen block and return the running RGB image at that block's
+resolution (`image_res`): what cheap preview frames show (draggan_core/edit/frames.py).
 """
 from __future__ import annotations
 
@@ -285,11 +287,19 @@ class SynthesisNetwork(nn.Module):
         """Index of the first style vector used by block `res`."""
         return 0 if res == 4 else 2 * int(math.log2(res)) - 5
 
-    def forward(self, ws, noise_mode="const", fused=None, feature_res=None, stop_at_feature=False):
+    @property
+    def has_skip_images(self) -> bool:
+        """Whether every block adds to a running RGB image (skip architecture); resnet: only the last."""
+        return self.cfg.architecture == "skip"
+
+    def forward(self, ws, noise_mode="const", fused=None, feature_res=None, stop_at_feature=False, image_res=None):
         """ws: [N, num_ws, w_dim] -> image [N, C, H, W] (float32, unclamped, about [-1, 1]).
 
         feature_res: also return the feature map (block output before ToRGB) of that block.
         stop_at_feature: skip everything after that block (no image; returns (None, features)).
+        image_res: stop after that block and return the running skip image [N, C, image_res, image_res]
+            (the image the next block would up-sample and add its detail to). Without a skip image
+            (resnet architecture) the full render [N, C, R, R] is returned: callers check the shape.
         """
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
@@ -297,6 +307,11 @@ class SynthesisNetwork(nn.Module):
             f"ws must be [N, {self.num_ws}, {self.cfg.w_dim}], got {tuple(ws.shape)}"
         if feature_res is not None and feature_res not in self.block_resolutions:
             raise ValueError(f"feature block {feature_res} not in {self.block_resolutions}")
+        if image_res is not None and image_res not in self.block_resolutions:
+            raise ValueError(f"image block {image_res} not in {self.block_resolutions}")
+        if image_res is not None and feature_res is not None and feature_res > image_res:
+            raise ValueError(f"feature block {feature_res} comes after the image block {image_res}")
+        stop_res = image_res if image_res is not None and self.has_skip_images else self.cfg.img_resolution
         x = img = feature = None
         for res in self.block_resolutions:
             block = self.block(res)
@@ -306,6 +321,9 @@ class SynthesisNetwork(nn.Module):
             x, img = block(x, img, ws[:, start:start + block.num_conv + block.num_torgb], noise_mode, fused)
             if res == feature_res:
                 feature = x
+            if res == stop_res:
+                break
+        assert img.shape[1:] == (self.cfg.img_channels, stop_res, stop_res), tuple(img.shape)
         return (img, feature) if feature_res is not None else img
 
 

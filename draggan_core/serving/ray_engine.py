@@ -31,7 +31,7 @@ from ray import serve
 
 from ..edit.engine import (EndEvent, Engine, EngineError, FrameEvent, LocalEngine, RunHandle, RunState, StartEvent,
                            StateEvent, StepEvent, latent_of)
-from ..edit.frames import render_batch
+from ..edit.frames import preview_res, render_batch
 
 APP_NAME = "draggan"
 DEPLOYMENT_NAME = "DragEngine"
@@ -84,7 +84,8 @@ class DragEngine:
             groups.setdefault((job.model, job.noise_mode), []).append(i)
         for (model, noise_mode), idx in groups.items():
             G = self.local._generator(model)
-            images, seconds = render_batch(G, [torch.from_numpy(jobs[i].latent) for i in idx], noise_mode)
+            images, seconds = render_batch(G, [torch.from_numpy(jobs[i].latent) for i in idx], noise_mode,
+                                           image_res=preview_res(G))  # previews: the same rule as in-process
             self.stats_["render_batches"] += 1
             for i, image in zip(idx, images):
                 out[i] = (image, seconds, len(idx))

@@ -2,6 +2,7 @@
 
     python scripts/ui_bench.py --config ffhq512|ffhq1024|embedded [--steps 40] [--device cpu] [--json]
     python scripts/ui_bench.py --model PATH ...
+    python scripts/ui_bench.py --config embedded --runs 5 --load engine   # quiet and loaded, medians
 
 1. The official-style drag step (what the official code does every step: whole generator forward with
    the image, weight gradients on, features up-sampled to image size, backward through it all; the
@@ -13,7 +14,9 @@
    time from Start to the first output and to the first new image, the largest gap between frames,
    and the app's peak RSS (VmHWM).
 `--config ffhq512|ffhq1024` writes an FFHQ-shaped StyleGAN2 with random weights (seed 0) to a
-temporary checkpoint; `embedded` uses the default model. Prints the machine and one JSON object.
+temporary checkpoint; `embedded` uses the default model. `--runs N` drives the same app N times
+and reports medians; `--load engine|browser|...` alternates each quiet drive with one beside the
+standard competing load of scripts/cpu_load.py. Prints the machine and one JSON object.
 """
 from __future__ import annotations
 
@@ -92,12 +95,12 @@ def pair_for(res: int):
 
 
 
-def start_app(path: Path, device: str, log: Path, threads: int | None, app_dir: Path = REPO):
+def start_app(path: Path, device: str, log: Path, threads: int | None, app_dir: Path = REPO, app_args=()):
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PORT": str(port), "PYTHONPATH": str(app_dir)}
     if threads:
         env["DRAGGAN_TORCH_THREADS"] = str(threads)
-    cmd = [sys.executable, "app.py", "--model", str(path), "--port", str(port)]
+    cmd = [sys.executable, "app.py", "--model", str(path), "--port", str(port), *app_args]
     if app_dir == REPO:  # another checkout (--app-dir, a baseline) may predate --device
         cmd += ["--device", device]
     t0 = time.perf_counter()
@@ -180,6 +183,39 @@ def drive(url: str, res: int, steps: int) -> dict:
 
 
 
+SUMMARY_KEYS = ("ui_steps_per_s", "first_output_s", "first_frame_s", "max_frame_gap_s", "frames_per_s")
+
+
+def drive_runs(url: str, res: int, args, log) -> tuple[dict, dict]:
+    """`--runs` drives (quiet, and with `--load` each followed by one beside the load): the first
+    quiet drive's numbers, plus per condition every run's numbers and their medians."""
+    from cpu_load import CpuLoad
+    from load_bench import LOADS
+    conditions = ["quiet"] + (["loaded"] if args.load else [])
+    per: dict = {c: [] for c in conditions}
+    for i in range(args.runs):
+        for c in conditions:
+            if c == "loaded":
+                with CpuLoad(**LOADS[args.load], seconds=900) as load:
+                    r = drive(url, res, args.steps)
+                r["neighbour_steps_per_s"] = [x.get("steps_per_s") for x in load.results if x.get("kind") == "engine"]
+            else:
+                r = drive(url, res, args.steps)
+            per[c].append(r)
+            log(f"run {i + 1} {c:6s}: {r['ui_steps_per_s']} steps/s, first frame {r['first_frame_s']} s, "
+                f"largest gap {r['max_frame_gap_s']} s")
+    if args.runs == 1 and not args.load:
+        return per["quiet"][0], {}
+    medians = {c: {k: float(np.median([r[k] for r in per[c] if r[k] is not None] or [np.nan])) for k in SUMMARY_KEYS}
+               for c in conditions}
+    extra = {"runs": args.runs, "load": CpuLoad(**LOADS[args.load]).describe() if args.load else None,
+             "medians": medians, "per_run": per}
+    if args.load:
+        extra["loaded_over_quiet_steps"] = round(medians["loaded"]["ui_steps_per_s"] / medians["quiet"]["ui_steps_per_s"], 3)
+        log(f"medians of {args.runs}: quiet {medians['quiet']}, loaded {medians['loaded']}")
+    return {**per["quiet"][0], **{k: round(v, 3) for k, v in medians["quiet"].items()}}, extra
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
@@ -191,6 +227,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="DRAGGAN_TORCH_THREADS for the app (default: all cores)")
     p.add_argument("--app-dir", type=Path, default=REPO,
                    help="run the app of another checkout (e.g. a baseline commit's `git worktree`)")
+    p.add_argument("--runs", type=int, default=1, help="drives of the running app; with several, medians are reported (default: 1)")
+    p.add_argument("--load", choices=["engine", "engine-ours", "browser", "engine+browser", "two-engines"], default=None,
+                   help="also drive beside a competing load (scripts/cpu_load.py), alternating with quiet drives")
+    p.add_argument("--app-arg", action="append", default=[], metavar="ARG",
+                   help="one more argument for app.py, repeatable (e.g. --app-arg=--engine --app-arg=ray)")
     p.add_argument("--json", action="store_true", help="only the JSON object on stdout")
     args = p.parse_args(argv)
     import torch
@@ -208,9 +249,9 @@ def main(argv=None) -> int:
         official = official_step_seconds(path, str(device), args.official_steps + 1, threads)
         log(f"official-style step: {official:.3f} s ({threads} threads)")
         proc, url, startup = start_app(path, str(device), Path(tmp) / "app.log", args.threads,
-                                       args.app_dir.resolve())
+                                       args.app_dir.resolve(), args.app_arg)
         try:
-            ui = drive(url, res, args.steps)
+            ui, runs = drive_runs(url, res, args, log)
             rss = rss_mb(proc.pid, key="VmHWM")
         finally:
             proc.terminate()
@@ -230,6 +271,7 @@ def main(argv=None) -> int:
         "app_start_to_serving_s": round(startup, 2),
         "model_load_and_first_image_s": float(m.group(1)) if m else None,
         "app_peak_rss_mb": round(rss) if rss else None,
+        **runs,
     }
     log(f"UI: {result['ui_steps_per_s']} steps/s ({result['speedup_vs_official']}x the official step), "
         f"{result['frames']} frames, first output {result['first_output_s']} s, first frame {result['first_frame_s']} s, "

@@ -32,15 +32,16 @@ def test_coming_back_up_needs_the_load_to_fall_further():
 
 def test_the_monitor_counts_other_processes_not_this_one():
     hz = os.sysconf("SC_CLK_TCK")
-    # (seconds, machine busy ticks, own CPU seconds): this process busy for 1 s of 1 s, the machine 1.8 s
-    samples = iter([(0.0, 0, 0.0), (0.2, 0, 0.0), (1.0, int(1.8 * hz), 1.0), (1.1, int(1.8 * hz), 1.0),
-                    (2.0, int(1.8 * hz) + int(0.5 * hz), 1.5), (3.0, None, 2.0)])
-    monitor = CpuLoadMonitor(interval=0.5, sample=lambda: next(samples))
+    # (seconds, machine busy ticks, own CPU seconds): over the first second the machine was busy 1.8 s
+    # of which 1.0 s was this process; over the next, only this process worked; then no /proc/stat
+    samples = iter([(0.0, 0, 0.0), (1.0, int(1.8 * hz), 1.0), (2.0, int(2.3 * hz), 1.5), (3.0, None, 2.0)])
+    clock = iter([0.2, 1.0, 1.1, 2.0, 3.0])  # what each update() reads from the clock first
+    monitor = CpuLoadMonitor(interval=0.5, sample=lambda: next(samples), clock=lambda: next(clock))
     assert monitor.update() is None                  # under the interval: no reading yet
     assert monitor.update() == pytest.approx(0.8)    # 1.8 busy - 1.0 own over 1 s
-    assert monitor.update() == pytest.approx(0.8)    # under the interval again: the last reading
-    assert monitor.update() == pytest.approx(0.0)    # only this process worked
-    assert monitor.update() is None                  # no /proc/stat
+    assert monitor.update() == pytest.approx(0.8)    # under the interval again: the last reading, no sample
+    assert monitor.update() == pytest.approx(0.0)
+    assert monitor.update() is None
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="the load monitor reads /proc/stat (Linux)")

@@ -140,9 +140,11 @@ class CpuLoadMonitor:
     process's own CPU time, over the last sampling interval. None where /proc/stat is missing (not
     Linux) or before the first interval has passed."""
 
-    def __init__(self, interval: float = LOAD_INTERVAL_S, sample=None):
-        """sample: () -> (monotonic seconds, machine busy ticks or None, own CPU seconds); tests inject one."""
+    def __init__(self, interval: float = LOAD_INTERVAL_S, sample=None, clock=time.monotonic):
+        """sample: () -> (monotonic seconds, machine busy ticks or None, own CPU seconds) and clock: tests
+        inject them."""
         self.interval = interval
+        self._clock = clock
         self._lock = threading.Lock()
         self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         if sample is not None:
@@ -170,9 +172,9 @@ class CpuLoadMonitor:
     def update(self) -> float | None:
         """Cores busy with other processes (re-sampled when the interval has passed)."""
         with self._lock:
-            sample = self._sample()
-            if sample[0] - self._last[0] < self.interval:
+            if self._clock() - self._last[0] < self.interval:  # cheap: most steps stop here
                 return self.others
+            sample = self._sample()
             (t0, busy0, own0), (t1, busy1, own1) = self._last, sample
             self._last = sample
             if busy0 is None or busy1 is None:

@@ -183,7 +183,7 @@ def add_parser(subparsers):
     p.add_argument("--config", default="ffhq512", help="ffhq512 (random weights), embedded, or a checkpoint path")
     p.add_argument("--steps", type=int, default=20, help="timed steps per phase (the median is reported)")
     p.add_argument("--mask", action="store_true", help="benchmark the masked case (full feature map)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, kept for the whole run (default: all cores, one fewer while other processes keep the CPU busy; see DRAGGAN_THREAD_POLICY)")
     add_device_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     add_quiet_argument(p)

@@ -53,7 +53,7 @@ def add_parser(subparsers):
                    help="landmark detector weights (default: landmarks64.safetensors in the bundled models folder)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
     p.add_argument("--out", metavar="OUT.json", help="also write the full result (with per-pair records)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, kept for the whole run (default: all cores, one fewer while other processes keep the CPU busy; see DRAGGAN_THREAD_POLICY)")
     add_device_argument(p)
     add_quiet_argument(p)
     p.set_defaults(func=run)

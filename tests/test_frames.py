@@ -311,3 +311,46 @@ def test_the_canvas_coming_back_after_a_run_keeps_the_runs_status(editor):
                                          "flexible", True)
     assert status2.startswith("⚠") or status2 == "mask updated"
     assert editor.mask_array()[10, 10] and not editor.mask_array()[40, 30]
+
+
+# ------------------------------------------------------------------ the first frame and the last
+def test_the_first_frame_of_a_lone_run_comes_before_its_second_step_with_all_threads(model):
+    from draggan_core.edit.engine import FrameEvent, LocalEngine, StepEvent
+    used = []
+
+    def urgent_threads():
+        used.append("urgent")
+        return 1
+
+    engine = LocalEngine(renderer=FrameRenderer(threads=lambda: used.append("share") or 1, urgent_threads=urgent_threads),
+                         threads=ThreadBudget(total=1, adaptive=False), store=ModelStore())
+    events = [e for e in engine.run_session(_session(model, 3), "m", 6, display_every=1)
+              if isinstance(e, (FrameEvent, StepEvent))]
+    kinds = [(type(e).__name__, e.step if isinstance(e, FrameEvent) else e.result.step) for e in events]
+    assert kinds[:2] == [("FrameEvent", 1), ("StepEvent", 1)], kinds  # the run waited for step 1's frame
+    assert used[0] == "urgent"                                          # drawn with the urgent thread count
+
+
+def test_a_failed_first_frame_does_not_stall_the_run():
+    renderer, G = FrameRenderer(threads=1), _SlowG()
+    G.synthesis.forward = lambda ws, noise_mode="const": (_ for _ in ()).throw(RuntimeError("boom"))
+    with renderer.open_stream() as stream:
+        stream.submit(G, torch.zeros(1, 1, 1), 1, urgent=True)
+        t0 = time.perf_counter()
+        assert stream.wait(0, timeout=5.0) is None
+        assert time.perf_counter() - t0 < 2.0
+
+
+def test_a_lone_runs_final_render_uses_every_available_thread():
+    from draggan_core.model.devices import all_threads_if_alone
+    budget = ThreadBudget(total=2, adaptive=False)  # with the renderer: a run's share is 1
+    with budget.run() as run:
+        assert torch.get_num_threads() == 1
+        with all_threads_if_alone():
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == run.threads == 1
+        with budget.run():                             # a second run: nothing to lend
+            with all_threads_if_alone():
+                assert torch.get_num_threads() == 1
+    with all_threads_if_alone():                       # outside a run: unchanged
+        assert torch.get_num_threads() == 1

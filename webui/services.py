@@ -20,7 +20,7 @@ from draggan_core.model.store import ModelStore, default_model_path, list_local_
 
 STORE = ModelStore()          # the app sets its device before loading anything (`configure_device`)
 THREADS = ThreadBudget()      # CPU threads shared by the running drags and the frame renderer
-RENDERER = FrameRenderer(threads=THREADS.share)  # previews in the background, newest latent only
+RENDERER = FrameRenderer(threads=THREADS.share, urgent_threads=THREADS.available)  # previews in the background, newest latent only
 ENGINE = LocalEngine(RENDERER, THREADS, STORE)  # runs the drags; `python app.py --engine ray` replaces it
 EXAMPLES_FILE = Path(__file__).with_name("examples.json")
 

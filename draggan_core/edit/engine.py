@@ -37,6 +37,7 @@ from .session import DragSession
 from .settings import DragConfig, PointPair, StepResult
 
 STATE_VERSION = 1
+FIRST_FRAME_WAIT_S = 10.0  # longest a run waits for its first preview (a slow or failed render must not stall it)
 
 
 class EngineError(RuntimeError):
@@ -459,6 +460,7 @@ class LocalEngine(Engine):
         result = None
         full_sent = False
         shown_step = submitted_step = session.step_count
+        first_frame = True
         budget = self.threads.run() if self.threads is not None else _NoBudget()
         stream = self.renderer.open_stream() if self.renderer is not None else None
         reason = "cancelled"
@@ -475,8 +477,13 @@ class LocalEngine(Engine):
                     if stream is not None and not result.done and not cancel.is_set():
                         threads.refresh()
                         if result.step - submitted_step >= display_every:
-                            stream.submit(session.G, session.latent, result.step, session.config.noise_mode)
-                            submitted_step = result.step
+                            # the first new image is what tells the user the drag works: while this run
+                            # is the only one, it waits for it and lends its threads to the renderer
+                            urgent = first_frame and (self.threads is None or self.threads.runs <= 1)
+                            stream.submit(session.G, session.latent, result.step, session.config.noise_mode, urgent)
+                            submitted_step, first_frame = result.step, False
+                            if urgent:
+                                stream.wait(shown_step, FIRST_FRAME_WAIT_S, cancel.is_set)
                         frame = stream.newest(after_step=shown_step)
                         if frame is not None:  # before its step's result: the caller sees it as it decides
                             shown_step = frame.step

@@ -14,6 +14,10 @@ generators (no such image) render in full. `DRAGGAN_PREVIEW=full|half|auto` (def
 the rule. Only previews change: `render_batch` without `image_res` stays the exact render.
 Measured quality and the choice of the threshold: docs/benchmarks.md, "Preview frames".
 
+The first frame of a run is "urgent": the run waits for it (`FrameStream.wait`) and the renderer
+draws it with every thread the run would have used (`urgent_threads`), so the first new image after
+Start comes one fast render after the first step instead of one half-width render.
+
 The frame shown when a run ends is not a preview: `DragSession.render()` of the final latent.
 """
 from __future__ import annotations
@@ -80,6 +84,7 @@ class _Job:
     latent: torch.Tensor    # [1, num_ws, w_dim], detached
     step: int
     noise_mode: str
+    urgent: bool = False    # the run waits for this frame: render it with `urgent_threads`
 
 
 class FrameStream:
@@ -89,14 +94,30 @@ class FrameStream:
         self._renderer, self.key = renderer, key
         self._frame: Frame | None = None
         self._submitted_step = -1
+        self._published = threading.Condition()
+        self._awaited = False  # an urgent frame is on its way (cleared when a frame, or a failure, comes)
         self.closed = False
 
-    def submit(self, G, latent: torch.Tensor, step: int, noise_mode: str = "const") -> None:
-        """Queue `latent` (replacing any not yet rendered) unless a newer step was submitted."""
+    def submit(self, G, latent: torch.Tensor, step: int, noise_mode: str = "const", urgent: bool = False) -> None:
+        """Queue `latent` (replacing any not yet rendered) unless a newer step was submitted.
+        urgent: the caller will `wait` for it (the renderer then uses its urgent thread count)."""
         if self.closed or step <= self._submitted_step:
             return
         self._submitted_step = step
-        self._renderer._put(_Job(self, G, latent.detach(), step, noise_mode))
+        if urgent:
+            self._awaited = True
+        self._renderer._put(_Job(self, G, latent.detach(), step, noise_mode, urgent))
+
+    def wait(self, after_step: int, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> Frame | None:
+        """Block until a frame newer than `after_step` is published (or timeout / cancelled / closed)."""
+        deadline = time.perf_counter() + timeout
+        with self._published:
+            while self._awaited and self.newest(after_step) is None and not self.closed and not cancelled():
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._published.wait(min(left, 0.1))
+        return self.newest(after_step)
 
     def newest(self, after_step: int) -> Frame | None:
         """The newest rendered frame if it is newer than `after_step`, else None."""
@@ -106,10 +127,18 @@ class FrameStream:
     def _publish(self, frame: Frame) -> None:
         if not self.closed and (self._frame is None or frame.step > self._frame.step):
             self._frame = frame
+        self._wake()
+
+    def _wake(self) -> None:
+        """A frame came, or a render failed: wake a waiting run (after a failure it goes on without)."""
+        with self._published:
+            self._awaited = False
+            self._published.notify_all()
 
     def close(self) -> None:
         self.closed = True
         self._renderer._drop(self)
+        self._wake()
 
     def __enter__(self):
         return self
@@ -122,8 +151,10 @@ class FrameStream:
 class FrameRenderer:
     """A background thread rendering the pending latent of every open stream, newest only."""
 
-    def __init__(self, threads: Callable[[], int] | int | None = None, max_batch: int = 8):
+    def __init__(self, threads: Callable[[], int] | int | None = None, max_batch: int = 8,
+                 urgent_threads: Callable[[], int] | int | None = None):
         self._threads = threads
+        self._urgent_threads = urgent_threads if urgent_threads is not None else threads
         self.max_batch = max_batch
         self._pending: dict[int, _Job] = {}
         self._cv = threading.Condition()
@@ -167,7 +198,8 @@ class FrameRenderer:
             batch = self._take_batch()
             if not batch:
                 return
-            threads = self._threads() if callable(self._threads) else self._threads
+            source = self._urgent_threads if any(j.urgent for j in batch) else self._threads
+            threads = source() if callable(source) else source
             if threads:
                 torch.set_num_threads(threads)
             try:
@@ -175,6 +207,8 @@ class FrameRenderer:
                 images, seconds = render_batch(G, [j.latent for j in batch], batch[0].noise_mode,
                                                image_res=preview_res(G))
             except Exception:  # a failed preview must not kill the worker; the run's final render reports errors
+                for job in batch:
+                    job.stream._wake()
                 continue
             self.batches_rendered += 1
             for job, image in zip(batch, images):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model.devices import refresh_threads
+from ..model.devices import all_threads_if_alone, refresh_threads
 from ..model.networks import Generator, to_uint8_image
 from .settings import DragConfig, DragError, PointPair, StepResult, as_point
 from .steps import OfficialStep, OursStep
@@ -266,7 +266,10 @@ class DragSession:
                 best.observe(result, good_param, cfg)
             if result.done and result.end is None:
                 result.end = "arrived" if result.reached else "max_steps"
-            if result.done or k == steps or (cfg.display_every and result.step % cfg.display_every == 0):
+            if result.done or k == steps:
+                with all_threads_if_alone():  # the final frame: the renderer has nothing left to draw
+                    result.image = self.render()
+            elif cfg.display_every and result.step % cfg.display_every == 0:
                 result.image = self.render()
             yield result
             if result.done:

@@ -163,6 +163,15 @@ eng.close()
     assert engine.stats()["replica"]  # closing that front end left the application running
 
 
+def test_replicas_run_at_normal_priority(engine):
+    """Ray starts workers at nice 15; beside any busy process at nice 0 a replica then got a few
+    percent of a core (20x slower steps, docs/benchmarks.md#sharing-the-cpu)."""
+    import os
+    stats = engine.stats()
+    assert stats["niceness"] == 0
+    assert os.getpriority(os.PRIO_PROCESS, stats["pid"]) == 0
+
+
 def test_the_serve_config_is_valid_and_builds_the_application():
     import yaml
     from ray.serve.schema import ServeDeploySchema

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import os
 import threading
 import time
@@ -36,6 +37,7 @@ from ..edit.frames import preview_res, render_batch
 APP_NAME = "draggan"
 DEPLOYMENT_NAME = "DragEngine"
 MAX_FRAME_BATCH = 8
+WORKER_NICENESS_ENV = "RAY_worker_niceness"  # Ray's own setting (its default: 15 for every worker)
 
 
 @dataclass
@@ -65,7 +67,8 @@ class DragEngine:
         except Exception:  # constructed outside Serve (tests)
             self.replica = f"local-{os.getpid()}"
         self.stats_ = {"runs": 0, "active": 0, "steps": 0, "frames": 0, "render_batches": 0,
-                       "cancelled": 0, "pid": os.getpid(), "replica": self.replica, "device": str(self.device)}
+                       "cancelled": 0, "pid": os.getpid(), "replica": self.replica, "device": str(self.device),
+                       "niceness": _normal_priority()}
 
     # -- frames
     @serve.batch(max_batch_size=MAX_FRAME_BATCH, batch_wait_timeout_s=0.005)
@@ -185,6 +188,25 @@ def build_app(args: dict | None = None):
                            threads=int(args.get("threads", 1)), max_frame_batch=int(args.get("max_frame_batch", MAX_FRAME_BATCH)))
 
 
+def _normal_priority() -> int:
+    """Bring this replica back to nice 0 when allowed (a cluster started without RAY_worker_niceness=0
+    runs workers at 15); returns the niceness it runs at, warning when it stays above 0."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (AttributeError, OSError):  # not Unix, or no permission to raise the priority
+        pass
+    try:
+        nice = os.getpriority(os.PRIO_PROCESS, 0)
+    except AttributeError:
+        return 0
+    if nice > 0:
+        logging.getLogger(__name__).warning(
+            "this replica runs at nice %d: beside other busy processes it gets a small share of the CPU; "
+            "start the Ray cluster with %s=0", nice, WORKER_NICENESS_ENV)
+    return nice
+
+
 def _truthy(v) -> bool:
     return v if isinstance(v, bool) else str(v).strip().lower() not in ("0", "false", "no", "off")
 
@@ -297,6 +319,10 @@ def start_engine(address: str | None = None, replicas: int = 2, gpus_per_replica
     t0 = time.perf_counter()
     if owns_ray:
         _loopback_only()
+        # Ray starts its workers at nice 15: beside any other process at the usual priority a replica
+        # then gets a few percent of a core (1.1 instead of 22 steps/s beside one more engine, docs/
+        # benchmarks.md#sharing-the-cpu). Our replicas are the work, so they run at normal priority.
+        os.environ.setdefault(WORKER_NICENESS_ENV, "0")
         ray.init(num_cpus=num_cpus or max(1, replicas), num_gpus=None if gpus_per_replica else 0,
                  include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  configure_logging=False)

@@ -21,10 +21,12 @@ from draggan_core.model.store import ModelStore, default_model_path
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
+def one_torch_thread(monkeypatch):
     """Results here are compared exactly across threads (the drag's, the frame renderer's, the test's).
     With several intra-op threads, a thread whose pool is busy or sized differently splits reductions
-    differently (e.g. two sessions' latents 5e-5 apart after 15 steps at 128 px): not what is tested."""
+    differently (e.g. two sessions' latents 5e-5 apart after 15 steps at 128 px): not what is tested.
+    The web UI's budget too (its renderer draws a run's final frame with every thread it has)."""
+    monkeypatch.setenv("DRAGGAN_TORCH_THREADS", "1")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -341,16 +343,15 @@ def test_a_failed_first_frame_does_not_stall_the_run():
         assert time.perf_counter() - t0 < 2.0
 
 
-def test_a_lone_runs_final_render_uses_every_available_thread():
-    from draggan_core.model.devices import all_threads_if_alone
-    budget = ThreadBudget(total=2, adaptive=False)  # with the renderer: a run's share is 1
-    with budget.run() as run:
-        assert torch.get_num_threads() == 1
-        with all_threads_if_alone():
-            assert torch.get_num_threads() == 2
-        assert torch.get_num_threads() == run.threads == 1
-        with budget.run():                             # a second run: nothing to lend
-            with all_threads_if_alone():
-                assert torch.get_num_threads() == 1
-    with all_threads_if_alone():                       # outside a run: unchanged
-        assert torch.get_num_threads() == 1
+def test_the_final_frame_is_the_renderers_exact_job_and_a_preview_in_flight_comes_out_first(model):
+    from draggan_core.edit.engine import FrameEvent, LocalEngine, StepEvent
+    renderer = FrameRenderer(threads=1)
+    engine = LocalEngine(renderer=renderer, threads=ThreadBudget(total=1, adaptive=False), store=ModelStore())
+    s = _session(model, 3)
+    events = list(engine.run_session(s, "m", 8, display_every=1))
+    last = [e for e in events if isinstance(e, StepEvent)][-1].result
+    assert last.done and np.array_equal(last.image, s.render())  # exact, not a preview
+    frames = [e.step for e in events if isinstance(e, FrameEvent)]
+    assert frames == sorted(frames) and all(f <= last.step for f in frames)
+    exact_renders = renderer.frames_rendered
+    assert exact_renders >= 2  # the first frame and the final one at least, both by the renderer

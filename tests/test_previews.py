@@ -179,6 +179,10 @@ def test_the_editor_ends_on_the_exact_render_with_half_previews(monkeypatch):
     from conftest import ui_model_path
     from webui.editor.state import EditorState
     monkeypatch.setenv(PREVIEW_ENV, "half")
+    # bit for bit at the same thread count: the renderer's final frame and the render here, 1 each
+    monkeypatch.setenv("DRAGGAN_TORCH_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     st = EditorState.create(ui_model_path(), seed=3)
     try:
         st.add_pair(20, 40, 27, 44)
@@ -188,3 +192,4 @@ def test_the_editor_ends_on_the_exact_render_with_half_previews(monkeypatch):
         assert np.array_equal(updates[-1].image, st.display(st.session.render()))
     finally:
         st.cleanup()
+        torch.set_num_threads(threads)

@@ -24,6 +24,7 @@ import dataclasses
 import io
 import json
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from .settings import DragConfig, PointPair, StepResult
 
 STATE_VERSION = 1
 FIRST_FRAME_WAIT_S = 10.0  # longest a run waits for its first preview (a slow or failed render must not stall it)
+FINAL_FRAME_WAIT_S = 120.0  # longest a run waits for the renderer's final frame before rendering it itself
 
 
 class EngineError(RuntimeError):
@@ -456,7 +458,8 @@ class LocalEngine(Engine):
 
     def _events(self, session: DragSession, model: str, steps: int, display_every: int, state_every: int,
                 cancel: threading.Event, export: bool = True) -> Iterator:
-        gen = session.run(max_steps=steps)
+        # with a renderer, the final frame is its exact job (previews still drawing come out first)
+        gen = session.run(max_steps=steps, render_final=self.renderer is None)
         result = None
         full_sent = False
         shown_step = submitted_step = session.step_count
@@ -490,6 +493,20 @@ class LocalEngine(Engine):
                             yield FrameEvent(frame.step, frame.image, frame.render_seconds)
                     elif not result.done:
                         threads.refresh()
+                    if stream is not None and result.done:
+                        stream.submit(session.G, session.latent, result.step, session.config.noise_mode, exact=True)
+                        deadline = time.perf_counter() + FINAL_FRAME_WAIT_S
+                        while result.image is None:
+                            frame = stream.wait(shown_step, max(0.0, deadline - time.perf_counter()))
+                            if frame is None:
+                                break
+                            if frame.exact:
+                                result.image = frame.image
+                            else:  # the preview that was being drawn when the steps ended
+                                shown_step = frame.step
+                                yield FrameEvent(frame.step, frame.image, frame.render_seconds)
+                        if result.image is None:  # the renderer failed or is stuck: render here
+                            result.image = session.render()
                     yield StepEvent(result)
                     if result.done:
                         reason = {"arrived": "done", None: "done" if result.reached else "max_steps"}.get(result.end, result.end)

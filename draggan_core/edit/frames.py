@@ -18,7 +18,9 @@ The first frame of a run is "urgent": the run waits for it (`FrameStream.wait`) 
 draws it with every thread the run would have used (`urgent_threads`), so the first new image after
 Start comes one fast render after the first step instead of one half-width render.
 
-The frame shown when a run ends is not a preview: `DragSession.render()` of the final latent.
+The frame shown when a run ends is not a preview: it is the exact render of the final latent, drawn
+by the renderer as an urgent "exact" job once the steps are over (all threads; a preview still being
+drawn comes out first, so the wait for the final image is one render, not two).
 """
 from __future__ import annotations
 
@@ -75,6 +77,7 @@ class Frame:
     step: int               # the session step whose latent this is
     image: np.ndarray       # HxWx3 uint8
     render_seconds: float   # wall time of the (batched) render that produced it
+    exact: bool = False     # the exact render (a run's final frame), not a preview
 
 
 @dataclass
@@ -85,6 +88,7 @@ class _Job:
     step: int
     noise_mode: str
     urgent: bool = False    # the run waits for this frame: render it with `urgent_threads`
+    exact: bool = False     # the final frame: the exact render, never a preview
 
 
 class FrameStream:
@@ -95,24 +99,28 @@ class FrameStream:
         self._frame: Frame | None = None
         self._submitted_step = -1
         self._published = threading.Condition()
-        self._awaited = False  # an urgent frame is on its way (cleared when a frame, or a failure, comes)
+        self._awaited: tuple[int, bool] | None = None  # (step, exact) of the frame a caller waits for
         self.closed = False
 
-    def submit(self, G, latent: torch.Tensor, step: int, noise_mode: str = "const", urgent: bool = False) -> None:
+    def submit(self, G, latent: torch.Tensor, step: int, noise_mode: str = "const", urgent: bool = False,
+               exact: bool = False) -> None:
         """Queue `latent` (replacing any not yet rendered) unless a newer step was submitted.
-        urgent: the caller will `wait` for it (the renderer then uses its urgent thread count)."""
-        if self.closed or step <= self._submitted_step:
+        urgent: the caller will `wait` for it (the renderer then uses its urgent thread count).
+        exact: the run's final frame: urgent, the exact render, and it may repeat the last step."""
+        if self.closed or step < self._submitted_step or (step == self._submitted_step and not exact):
             return
         self._submitted_step = step
-        if urgent:
-            self._awaited = True
-        self._renderer._put(_Job(self, G, latent.detach(), step, noise_mode, urgent))
+        if urgent or exact:
+            with self._published:
+                self._awaited = (step, exact)
+        self._renderer._put(_Job(self, G, latent.detach(), step, noise_mode, urgent or exact, exact))
 
     def wait(self, after_step: int, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> Frame | None:
-        """Block until a frame newer than `after_step` is published (or timeout / cancelled / closed)."""
+        """Block while an awaited frame is on its way and nothing newer than `after_step` has come
+        (at most `timeout` s; a cancel, a close or a failed render end it too); then `newest`."""
         deadline = time.perf_counter() + timeout
         with self._published:
-            while self._awaited and self.newest(after_step) is None and not self.closed and not cancelled():
+            while self._awaited is not None and self.newest(after_step) is None and not cancelled():
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
@@ -120,25 +128,32 @@ class FrameStream:
         return self.newest(after_step)
 
     def newest(self, after_step: int) -> Frame | None:
-        """The newest rendered frame if it is newer than `after_step`, else None."""
+        """The newest rendered frame if it is newer than `after_step` or is the exact final frame."""
         frame = self._frame
-        return frame if frame is not None and frame.step > after_step else None
+        return frame if frame is not None and (frame.step > after_step or frame.exact) else None
 
     def _publish(self, frame: Frame) -> None:
-        if not self.closed and (self._frame is None or frame.step > self._frame.step):
-            self._frame = frame
-        self._wake()
-
-    def _wake(self) -> None:
-        """A frame came, or a render failed: wake a waiting run (after a failure it goes on without)."""
         with self._published:
-            self._awaited = False
+            if not self.closed and (self._frame is None or frame.step > self._frame.step
+                                    or (frame.exact and frame.step >= self._frame.step)):
+                self._frame = frame
+            if self._awaited is not None and frame.step >= self._awaited[0] and (frame.exact or not self._awaited[1]):
+                self._awaited = None
+            self._published.notify_all()
+
+    def _failed(self, job: "_Job") -> None:
+        """A render failed: a caller waiting for it goes on without it."""
+        with self._published:
+            if job.urgent:
+                self._awaited = None
             self._published.notify_all()
 
     def close(self) -> None:
         self.closed = True
         self._renderer._drop(self)
-        self._wake()
+        with self._published:
+            self._awaited = None
+            self._published.notify_all()
 
     def __enter__(self):
         return self
@@ -188,7 +203,7 @@ class FrameRenderer:
                         return []
             first = next(iter(self._pending.values()))
             batch = [j for j in self._pending.values()
-                     if j.G is first.G and j.noise_mode == first.noise_mode][:self.max_batch]
+                     if j.G is first.G and j.noise_mode == first.noise_mode and j.exact == first.exact][:self.max_batch]
             for job in batch:
                 del self._pending[job.stream.key]
             return batch
@@ -204,16 +219,17 @@ class FrameRenderer:
                 torch.set_num_threads(threads)
             try:
                 G = batch[0].G
+                exact = batch[0].exact
                 images, seconds = render_batch(G, [j.latent for j in batch], batch[0].noise_mode,
-                                               image_res=preview_res(G))
+                                               image_res=None if exact else preview_res(G))
             except Exception:  # a failed preview must not kill the worker; the run's final render reports errors
                 for job in batch:
-                    job.stream._wake()
+                    job.stream._failed(job)
                 continue
             self.batches_rendered += 1
             for job, image in zip(batch, images):
                 self.frames_rendered += 1
-                job.stream._publish(Frame(job.step, image, seconds))
+                job.stream._publish(Frame(job.step, image, seconds, exact))
 
 
 def render_batch(G, latents: list[torch.Tensor], noise_mode: str = "const",

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model.devices import all_threads_if_alone, refresh_threads
+from ..model.devices import refresh_threads
 from ..model.networks import Generator, to_uint8_image
 from .settings import DragConfig, DragError, PointPair, StepResult, as_point
 from .steps import OfficialStep, OursStep
@@ -229,11 +229,13 @@ class DragSession:
         return to_uint8_image(img)
 
     # ------------------------------------------------------------------ the loop
-    def run(self, max_steps: int | None = None) -> Iterator[StepResult]:
+    def run(self, max_steps: int | None = None, render_final: bool = True) -> Iterator[StepResult]:
         """Optimise until every handle reaches its target or max_steps; yields one result per step.
 
         Closing the generator (or breaking out of the loop) between steps keeps all state; calling
-        run() again resumes with the same reference features and optimiser moments.
+        run() again resumes with the same reference features and optimiser moments. The last result
+        carries the exact render of the final latent, unless `render_final` is False (a caller that
+        renders it elsewhere, e.g. the engine's frame renderer).
         """
         if not self.pairs:
             raise DragError("add at least one handle/target pair first")
@@ -266,10 +268,8 @@ class DragSession:
                 best.observe(result, good_param, cfg)
             if result.done and result.end is None:
                 result.end = "arrived" if result.reached else "max_steps"
-            if result.done or k == steps:
-                with all_threads_if_alone():  # the final frame: the renderer has nothing left to draw
-                    result.image = self.render()
-            elif cfg.display_every and result.step % cfg.display_every == 0:
+            last = result.done or k == steps
+            if (last and render_final) or (not last and cfg.display_every and result.step % cfg.display_every == 0):
                 result.image = self.render()
             yield result
             if result.done:

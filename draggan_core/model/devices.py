@@ -16,7 +16,6 @@ import math
 import os
 import threading
 import time
-from contextlib import contextmanager
 
 import torch
 
@@ -269,7 +268,6 @@ class ThreadBudget:
 
         class _Run:
             def __enter__(self):
-                self.budget = budget
                 with budget._lock:
                     budget._runs += 1
                 self.threads = budget.share()
@@ -304,22 +302,6 @@ def refresh_threads() -> None:
         run.refresh()
 
 
-@contextmanager
-def all_threads_if_alone():
-    """Inside a `ThreadBudget.run()` that is the only run: use every available thread for the block (a
-    run's final render, which nothing else is waiting to share with), then go back to the run's share."""
-    run = getattr(_CURRENT, "run", None)
-    wide = run.budget.available() if run is not None and run.budget.runs <= 1 else None
-    if wide is None or wide == run.threads:
-        yield
-        return
-    torch.set_num_threads(wide)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(run.threads)
-
-
 __all__ = ["DEVICE_CHOICES", "CpuLoadMonitor", "DeviceError", "ThreadBudget", "adaptive_policy", "load_monitor",
-           "all_threads_if_alone", "refresh_threads", "threads_for_load", "add_device_argument", "describe",
+           "refresh_threads", "threads_for_load", "add_device_argument", "describe",
            "fused_modconv_for", "measure_fused_modconv", "resolve_device", "synchronize"]

@@ -139,6 +139,15 @@ class RunMixin:
                 if isinstance(event, FrameEvent):
                     if event.step > shown_step:
                         newest = event
+                    now = time.perf_counter()
+                    # shown as it comes when no step is due soon (a big model's steps are slow, and the
+                    # preview drawn while the final frame renders comes after the last step)
+                    if (newest is None or result is None or self.stop_requested or self._cancel_run
+                            or now - last_yield < FRAME_INTERVAL):
+                        continue
+                    self.record_frame(newest.image)
+                    shown_step, newest, last_yield = newest.step, None, now
+                    yield self._running_update(self.frame_output(), result, steps, first_step)
                     continue
                 if isinstance(event, EndEvent):
                     end = event
@@ -167,9 +176,7 @@ class RunMixin:
                 # the interval counts from this decision, not from when gradio has sent the update, so
                 # frames come every FRAME_INTERVAL (8 per second) when renders keep up
                 last_yield = now
-                # a step that has every handle there but goes on is a mask's hold step (mask_hold_steps)
-                how = "handles there, the fixed region settles" if result.reached else "running"
-                yield RunUpdate(image, self.points_text(), self.status_text(result, steps, first_step, how))
+                yield self._running_update(image, result, steps, first_step)
         finally:
             run.close()
             try:
@@ -202,6 +209,11 @@ class RunMixin:
                else "max steps reached: press Start to continue")
         self.last_status = self.status_text(result, steps, first_step, how)
         yield RunUpdate(self.frame_output(), self.points_text(), self.last_status, final=True)
+
+    def _running_update(self, image, result, steps: int, first_step: int) -> RunUpdate:
+        # a step that has every handle there but goes on is a mask's hold step (mask_hold_steps)
+        how = "handles there, the fixed region settles" if result.reached else "running"
+        return RunUpdate(image, self.points_text(), self.status_text(result, steps, first_step, how))
 
     def _record_run(self, before, snap_before, first_step: int, outcome: str, stopped: bool):
         """A run that took steps becomes the newest history step (runs undone before it are dropped)

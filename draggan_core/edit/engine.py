@@ -494,19 +494,7 @@ class LocalEngine(Engine):
                     elif not result.done:
                         threads.refresh()
                     if stream is not None and result.done:
-                        stream.submit(session.G, session.latent, result.step, session.config.noise_mode, exact=True)
-                        deadline = time.perf_counter() + FINAL_FRAME_WAIT_S
-                        while result.image is None:
-                            frame = stream.wait(shown_step, max(0.0, deadline - time.perf_counter()))
-                            if frame is None:
-                                break
-                            if frame.exact:
-                                result.image = frame.image
-                            else:  # the preview that was being drawn when the steps ended
-                                shown_step = frame.step
-                                yield FrameEvent(frame.step, frame.image, frame.render_seconds)
-                        if result.image is None:  # the renderer failed or is stuck: render here
-                            result.image = session.render()
+                        yield from _final_frame(session, stream, result, shown_step)
                     yield StepEvent(result)
                     if result.done:
                         reason = {"arrived": "done", None: "done" if result.reached else "max_steps"}.get(result.end, result.end)
@@ -521,6 +509,22 @@ class LocalEngine(Engine):
             yield StateEvent(progress=run_progress(session))
         yield EndEvent(reason if result is not None else "done", session.step_count,
                        result.message if result is not None else "nothing to do", {"engine": self.name})
+
+
+def _final_frame(session: DragSession, stream, result: StepResult, shown_step: int) -> Iterator[FrameEvent]:
+    """Set `result.image` to the renderer's exact render of the final latent; a preview still being
+    drawn when the steps ended comes out (as a FrameEvent) while it waits."""
+    stream.submit(session.G, session.latent, result.step, session.config.noise_mode, exact=True)
+    deadline = time.perf_counter() + FINAL_FRAME_WAIT_S
+    while result.image is None:
+        frame = stream.wait(shown_step, max(0.0, deadline - time.perf_counter()))
+        if frame is None:  # the renderer failed or is stuck: render here
+            result.image = session.render()
+        elif frame.exact:
+            result.image = frame.image
+        else:
+            shown_step = frame.step
+            yield FrameEvent(frame.step, frame.image, frame.render_seconds)
 
 
 class _NoBudget:

@@ -58,24 +58,16 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, activation: str = "line
     operation cost more than the arithmetic. The numbers are identical."""
     if activation not in ("lrelu", "linear"):
         raise ValueError(f"unknown activation {activation!r}")
-    if not torch.is_grad_enabled():
-        if bias is not None:
-            x.add_(bias.reshape(1, -1, *([1] * (x.ndim - 2))))
-        if activation == "lrelu":
-            F.leaky_relu_(x, LRELU_SLOPE)
-        if gain != 1:
-            x.mul_(gain)
-        if clamp is not None and clamp >= 0:
-            x.clamp_(-clamp, clamp)
-        return x
+    inplace = not torch.is_grad_enabled()
     if bias is not None:
-        x = x + bias.reshape(1, -1, *([1] * (x.ndim - 2)))
+        b = bias.reshape(1, -1, *([1] * (x.ndim - 2)))
+        x = x.add_(b) if inplace else x + b
     if activation == "lrelu":
-        x = F.leaky_relu(x, LRELU_SLOPE)
+        x = F.leaky_relu(x, LRELU_SLOPE, inplace=inplace)
     if gain != 1:
-        x = x * gain
+        x = x.mul_(gain) if inplace else x * gain
     if clamp is not None and clamp >= 0:
-        x = x.clamp(-clamp, clamp)
+        x = x.clamp_(-clamp, clamp) if inplace else x.clamp(-clamp, clamp)
     return x
 
 
@@ -121,13 +113,13 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
             dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt()  # [N, O]
         x = x * styles.reshape(batch, in_channels, 1, 1)
         x = conv_up2(x, weight, resample_filter) if up == 2 else F.conv2d(x, weight, padding=padding)
-        if not torch.is_grad_enabled():  # a fresh output: in place, as in `bias_act`
-            if demodulate:
-                x.mul_(dcoefs.reshape(batch, out_channels, 1, 1))
-            return x if noise is None else x.add_(noise)
+        inplace = not torch.is_grad_enabled()  # x is a fresh output: in place, as in `bias_act`
         if demodulate:
-            x = x * dcoefs.reshape(batch, out_channels, 1, 1)
-        return x if noise is None else x + noise
+            d = dcoefs.reshape(batch, out_channels, 1, 1)
+            x = x.mul_(d) if inplace else x * d
+        if noise is not None:
+            x = x.add_(noise) if inplace else x + noise
+        return x
     w = weight[None] * styles.reshape(batch, 1, in_channels, 1, 1)
     if demodulate:
         w = w * (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt().reshape(batch, out_channels, 1, 1, 1)

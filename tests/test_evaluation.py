@@ -103,8 +103,13 @@ def test_protocol_mechanics_with_known_landmarks(G):
 
 def test_mask_mode_reports_outside_change(G):
     r = ev.evaluate(G, StubDetector(), ev.EvalConfig(pairs=1, points="1", steps=2, mask=True))
-    for key in ("outside_change_nomask", "outside_change_mask", "md_after_mask", "seconds_per_edit_mask"):
-        assert key in r and np.isfinite(r[key])
+    for key in ("outside_change_nomask", "outside_change_mask", "md_after_mask", "seconds_per_edit_mask",
+                "fixed_drift_mask", "fixed_drift_floor_mask", "fixed_drift_own_mask"):
+        assert key in r and (np.isfinite(r[key]) or key.startswith("fixed_drift")), key  # nan: no fixed landmark
+    for rec in r["per_pair"]:  # floor and own change split the drift: the triangle inequality bounds it
+        for suffix in ("_mask", "_nomask"):
+            if np.isfinite(rec[f"fixed_drift{suffix}"]):
+                assert rec[f"fixed_drift{suffix}"] <= rec[f"fixed_drift_floor{suffix}"] + rec[f"fixed_drift_own{suffix}"] + 1e-6
 
 
 def test_cli_json_last_line(capsys):

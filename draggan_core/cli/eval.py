@@ -75,7 +75,10 @@ def format_report(r: dict) -> str:
                   f"  outside mask   mean |pixel change| {r['outside_change_nomask']:.2f} without mask, "
                   f"{r['outside_change_mask']:.2f} with mask (0..255)",
                   f"  fixed region   landmarks in it moved {r['fixed_drift_nomask']:.2f} px without mask, "
-                  f"{r['fixed_drift_mask']:.2f} px with mask (re-detected)"]
+                  f"{r['fixed_drift_mask']:.2f} px with mask (re-detected)",
+                  f"                 with every fixed pixel restored (the detector's floor): "
+                  f"{r['fixed_drift_floor_nomask']:.2f} / {r['fixed_drift_floor_mask']:.2f} px; "
+                  f"the fixed pixels' own change: {r['fixed_drift_own_nomask']:.2f} / {r['fixed_drift_own_mask']:.2f} px"]
     return "\n".join(lines)
 
 

@@ -23,7 +23,10 @@ its target, see `flexible_mask`; the masked drag uses the model's mask settings,
 `outside_change_nomask` / `outside_change_mask` give the mean absolute pixel change (0..255) outside
 that mask, i.e. how well the rest of the image is kept, and `fixed_drift_nomask` / `fixed_drift_mask`
 the mean displacement (px, re-detected) of the landmarks lying in the fixed region: a mean over
-pixels can be small while an eye visibly changes shape.
+pixels can be small while an eye visibly changes shape. The detector reads the whole face, so a changed
+mouth moves its estimate of an eye whose pixels did not change: `fixed_drift_floor_*` is the drift of
+the same edit with every fixed pixel restored (the measurement's floor), `fixed_drift_own_*` the drift
+between the edit and that composite (what the change of the fixed pixels themselves adds).
 
 Seeds: the "val" split draws pair seeds from [0, 10000) (use it for sweeps), "test" from
 [10000, 20000) (use it for reported numbers); the two never overlap.
@@ -238,6 +241,15 @@ def evaluate(G, detector: Callable[[np.ndarray], Detection], cfg: EvalConfig,
                 fixed = fixed_landmarks(det.points[0].numpy(), vis[0], runs["_mask"], exclude=idx)
                 moved = np.linalg.norm(det_e.points[0].numpy()[fixed] - det.points[0].numpy()[fixed], axis=1)
                 rec[f"fixed_drift{suffix or '_nomask'}"] = float(moved.mean()) if len(fixed) else float("nan")
+                # the detector sees the whole face, so a changed mouth moves its eye estimates too: the
+                # same edit with every fixed pixel restored gives that floor, and the edit against that
+                # composite what the fixed pixels' own change adds
+                composite = np.where(outside[..., None], imgs[0], out["image"])
+                det_c = detector(composite[None]).points[0].numpy()[fixed]
+                floor = np.linalg.norm(det_c - det.points[0].numpy()[fixed], axis=1)
+                own = np.linalg.norm(det_e.points[0].numpy()[fixed] - det_c, axis=1)
+                rec[f"fixed_drift_floor{suffix or '_nomask'}"] = float(floor.mean()) if len(fixed) else float("nan")
+                rec[f"fixed_drift_own{suffix or '_nomask'}"] = float(own.mean()) if len(fixed) else float("nan")
         records.append(rec)
         if progress is not None:
             progress(i, rec)
@@ -271,7 +283,11 @@ def summarize(records: list[dict], cfg: EvalConfig, initial_feats=None, edited_f
                     "outside_change_nomask": mean("outside_change_nomask"),
                     "outside_change_mask": mean("outside_change_mask"),
                     "fixed_drift_nomask": nanmean("fixed_drift_nomask"),
-                    "fixed_drift_mask": nanmean("fixed_drift_mask")})
+                    "fixed_drift_mask": nanmean("fixed_drift_mask"),
+                    "fixed_drift_floor_mask": nanmean("fixed_drift_floor_mask"),
+                    "fixed_drift_own_mask": nanmean("fixed_drift_own_mask"),
+                    "fixed_drift_floor_nomask": nanmean("fixed_drift_floor_nomask"),
+                    "fixed_drift_own_nomask": nanmean("fixed_drift_own_nomask")})
     out["config"] = asdict(cfg)
     out["per_pair"] = records
     return out

@@ -249,3 +249,14 @@ def test_model_metrics_quick_run_reports_every_metric():
         rate = m["parts_where_render_passes"][part]
         assert np.isnan(rate) or 0 <= rate <= 1
     assert m["parts_reference"]["renders"]["eyes"] > m["parts_reference"]["untrained_generator"]["eyes"]
+
+
+def test_detector_input_accepts_read_only_arrays():
+    """A read-only image (a PIL image's array) converts without torch's non-writable warning."""
+    import warnings
+    img = np.arange(2 * 8 * 8 * 3, dtype=np.uint8).reshape(2, 8, 8, 3)
+    img.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = LandmarkDetector.to_tensor(img)
+    assert x.shape == (2, 3, 8, 8) and float(x[0, 0, 0, 1]) == pytest.approx(3 / 127.5 - 1)

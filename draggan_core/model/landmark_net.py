@@ -20,6 +20,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -178,6 +179,8 @@ class LandmarkDetector:
     @staticmethod
     def to_tensor(images) -> torch.Tensor:
         """uint8 [N]HW3 numpy/tensor or float [N]3HW in [-1, 1] -> float [N, 3, H, W] in [-1, 1]."""
+        if isinstance(images, np.ndarray) and not images.flags.writeable:
+            images = images.copy()  # torch warns on read-only buffers (e.g. a PIL image's array)
         x = torch.as_tensor(images)
         if x.dtype == torch.uint8:
             if x.ndim == 3:

@@ -150,12 +150,13 @@ def build_demo(model: str | os.PathLike | None = None, first_state: EditorState 
                     stop_btn = gr.Button("■ Stop", variant="stop", elem_id="stop", min_width=80)
                     undo_run_btn = gr.Button("↶ Undo run", elem_id="undo_run", min_width=80, interactive=False)
                     redo_run_btn = gr.Button("↷ Redo run", elem_id="redo_run", min_width=80, interactive=False)
-                    restore_btn = gr.Button("↶ Undo clear", elem_id="restore_points", min_width=80, visible=False,
-                                            variant="secondary")
                 status_box = gr.Textbox(label="Status", interactive=False, elem_id="status", max_lines=2)
                 with gr.Row():
                     undo_btn = gr.Button("Undo point", elem_id="undo", min_width=80, size="sm")
                     clear_btn = gr.Button("Clear points", elem_id="clear", min_width=80, size="sm")
+                    # beside what it undoes; in the run row its label wrapped into a tall, narrow button
+                    restore_btn = gr.Button("↶ Undo clear", elem_id="restore_points", min_width=160, visible=False,
+                                            variant="secondary", size="sm")
                     reset_btn = gr.Button("Reset image", elem_id="reset", min_width=80, size="sm")
                 gallery = gr.Gallery(first.history_items(), label="History (click a step to go back to it)",
                                      elem_id="history", columns=7, rows=1, height=160, allow_preview=False, fit_columns=False,

@@ -187,3 +187,36 @@ def test_the_web_ui_examples_work_as_advertised(model, detector):
         last = list(s.run())[-1]
         assert last.reached and last.end == "arrived", (ex["name"], last.message)
         assert ue.faces_intact(s.render()[None], detector)[0], ex["name"]
+
+
+def test_the_seed_0_smile_ends_as_a_smile_on_an_intact_face(model, detector):
+    """The first edit people try: seed 0's mouth corners up and out, default settings, 300 steps.
+    Judged as a person judges it: every face part is still there, the RE-DETECTED corners moved most
+    of the way, and the run claims arrival only where the re-detection confirms it."""
+    s = _session(model, {})
+    image0 = s.render()
+    last = list(s.run())[-1]
+    image1 = s.render()
+    assert ue.faces_intact(image1[None], detector)[0], last.message
+    idx = [detector.names.index("mouth_left"), detector.names.index("mouth_right")]
+    before, after = (detector(im[None]).points[0].numpy()[idx].astype(np.float64) for im in (image0, image1))
+    targets = np.array([(49, 87), (91, 92)], np.float64)
+    start, end = np.linalg.norm(before - targets, axis=1), np.linalg.norm(after - targets, axis=1)
+    assert (end < 0.5 * start).all(), (start, end)
+    if last.reached:  # "arrived" must be true of the image, not only of the tracked handles
+        assert (end <= ue.reach_radius(math.dist((56, 93), (49, 87)), 128)).all(), end
+
+
+def test_a_drag_off_the_face_ends_by_itself_at_the_best_frame(model, detector):
+    """The nose tip dragged into the top-left corner of the background cannot be done: the run ends
+    before max steps with a status that says why, does not claim arrival, keeps the best state it
+    saw, and the face is still a face."""
+    s = _session(model, {}, drags=(((64, 75), (6, 6)),))
+    results = list(s.run())
+    last = results[-1]
+    assert last.end in ("limit", "lost_handle") and not last.reached and len(results) < 300, last.message
+    assert "kept the best result" in last.message
+    best = min(results[:-1], key=lambda r: sum(r.distances))
+    assert s.step_count == best.step - 1 and last.handles == best.handles
+    assert np.array_equal(last.image, s.render())
+    assert ue.faces_intact(last.image[None], detector)[0]

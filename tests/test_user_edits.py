@@ -220,3 +220,20 @@ def test_a_drag_off_the_face_ends_by_itself_at_the_best_frame(model, detector):
     assert s.step_count == best.step - 1 and last.handles == best.handles
     assert np.array_equal(last.image, s.render())
     assert ue.faces_intact(last.image[None], detector)[0]
+
+
+def test_the_seed_0_smile_with_a_mask_keeps_the_nose(model, detector):
+    """The same smile with the flexible region painted around the mouth corners (discs as in the
+    evaluation's masks): the mask must not cost the face a part (without the mask's motion anchor the
+    nose faded away here), and the corners still move most of the way."""
+    from draggan_core.evaluation.protocol import flexible_mask
+    s = _session(model, {})
+    s.set_mask(flexible_mask(np.array([(56, 93), (84, 98)], np.float64), np.array([(49, 87), (91, 92)], np.float64), 128))
+    image0 = s.render()
+    last = list(s.run())[-1]
+    image1 = s.render()
+    assert ue.parts_lost(image1, detector) == [], last.message
+    idx = [detector.names.index("mouth_left"), detector.names.index("mouth_right")]
+    before, after = (detector(im[None]).points[0].numpy()[idx].astype(np.float64) for im in (image0, image1))
+    targets = np.array([(49, 87), (91, 92)], np.float64)
+    assert (np.linalg.norm(after - targets, axis=1) < 0.5 * np.linalg.norm(before - targets, axis=1)).all()

@@ -44,7 +44,7 @@ CSS = """
 
 # measured: docs/evaluation.md#masks (default model, 100 test pairs, 1 point)
 MASK_HINT = ("The mask keeps the rest of the image close, not frozen: on the default model's test edits "
-             "the mean change outside it fell from 9.4 to 1.8 (of 255), landmarks there moved 1.7 px instead of 4.0, "
+             "the mean change outside it fell from 9.4 to 1.7 (of 255), landmarks there moved 1.6 px instead of 4.0, "
              "and handles ended about 0.7 px further from their targets. The image is always the generator's own.")
 
 INTRO = """**DragGAN on CPU.** **Points**: click a handle (**red**), then where it should go (**blue**), press

@@ -237,19 +237,20 @@ def evaluate(G, detector: Callable[[np.ndarray], Detection], cfg: EvalConfig,
                 outside = runs["_mask"] < 0.5
                 diff = np.abs(out["image"].astype(np.float64) - imgs[0].astype(np.float64)).mean(axis=2)
                 rec[f"outside_change{suffix or '_nomask'}"] = float(diff[outside].mean()) if outside.any() else 0.0
-                # a mean over pixels hides a moved eye: the landmarks in the fixed region must stay put
-                fixed = fixed_landmarks(det.points[0].numpy(), vis[0], runs["_mask"], exclude=idx)
-                moved = np.linalg.norm(det_e.points[0].numpy()[fixed] - det.points[0].numpy()[fixed], axis=1)
-                rec[f"fixed_drift{suffix or '_nomask'}"] = float(moved.mean()) if len(fixed) else float("nan")
-                # the detector sees the whole face, so a changed mouth moves its eye estimates too: the
+                # a mean over pixels hides a moved eye: the landmarks in the fixed region must stay put.
+                # The detector sees the whole face, so a changed mouth moves its eye estimates too: the
                 # same edit with every fixed pixel restored gives that floor, and the edit against that
                 # composite what the fixed pixels' own change adds
-                composite = np.where(outside[..., None], imgs[0], out["image"])
-                det_c = detector(composite[None]).points[0].numpy()[fixed]
-                floor = np.linalg.norm(det_c - det.points[0].numpy()[fixed], axis=1)
-                own = np.linalg.norm(det_e.points[0].numpy()[fixed] - det_c, axis=1)
-                rec[f"fixed_drift_floor{suffix or '_nomask'}"] = float(floor.mean()) if len(fixed) else float("nan")
-                rec[f"fixed_drift_own{suffix or '_nomask'}"] = float(own.mean()) if len(fixed) else float("nan")
+                fixed = fixed_landmarks(det.points[0].numpy(), vis[0], runs["_mask"], exclude=idx)
+                drifts = {"": math.nan, "_floor": math.nan, "_own": math.nan}
+                if fixed:
+                    start, edited = det.points[0].numpy()[fixed], det_e.points[0].numpy()[fixed]
+                    composite = np.where(outside[..., None], imgs[0], out["image"])
+                    restored = detector(composite[None]).points[0].numpy()[fixed]
+                    drifts = {name: float(np.linalg.norm(b - a, axis=1).mean()) for name, (a, b) in
+                              {"": (start, edited), "_floor": (start, restored), "_own": (restored, edited)}.items()}
+                for name, value in drifts.items():
+                    rec[f"fixed_drift{name}{suffix or '_nomask'}"] = value
         records.append(rec)
         if progress is not None:
             progress(i, rec)
@@ -282,12 +283,8 @@ def summarize(records: list[dict], cfg: EvalConfig, initial_feats=None, edited_f
                     "seconds_per_edit_mask": mean("seconds_mask"), "reached_mask": mean("reached_mask"),
                     "outside_change_nomask": mean("outside_change_nomask"),
                     "outside_change_mask": mean("outside_change_mask"),
-                    "fixed_drift_nomask": nanmean("fixed_drift_nomask"),
-                    "fixed_drift_mask": nanmean("fixed_drift_mask"),
-                    "fixed_drift_floor_mask": nanmean("fixed_drift_floor_mask"),
-                    "fixed_drift_own_mask": nanmean("fixed_drift_own_mask"),
-                    "fixed_drift_floor_nomask": nanmean("fixed_drift_floor_nomask"),
-                    "fixed_drift_own_nomask": nanmean("fixed_drift_own_nomask")})
+                    **{f"fixed_drift{name}{run}": nanmean(f"fixed_drift{name}{run}")
+                       for name in ("", "_floor", "_own") for run in ("_nomask", "_mask")}})
     out["config"] = asdict(cfg)
     out["per_pair"] = records
     return out
